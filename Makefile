@@ -1,0 +1,65 @@
+# dsv2-serve: `make serve` and `make test` work on a fresh machine; everything else is for contributors.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# cuda when an NVIDIA GPU answers, cpu otherwise; override with `make DEVICE=cuda ...`.
+DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP := $(VENV)/.installed-$(DEVICE)
+
+# `make serve MODEL=deepseek-ai/DeepSeek-V2-Lite-Chat ARGS="--tensor-parallel-size 2"`; no MODEL = tiny checkpoint.
+MODEL ?=
+ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+TINY_DIR ?= .cache/tiny-dsv2
+PYTEST_ARGS ?=
+
+.PHONY: help install serve test test-fast lint format tiny-model loadtest bench clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the project with the vLLM build for this machine
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV) $(DEVICE)
+	@touch $@
+
+tiny-model: $(TINY_DIR)/config.json ## write the tiny DeepSeek-V2 checkpoint (.cache/tiny-dsv2)
+
+$(TINY_DIR)/config.json: server/tiny_model.py server/data/corpus.txt | $(STAMP)
+	$(PY) -m server tiny-model $(TINY_DIR)
+
+serve: $(STAMP) ## serve MODEL (default: the tiny checkpoint) on 127.0.0.1:8000
+	@model="$(MODEL)"; \
+	if [ -z "$$model" ]; then $(MAKE) --no-print-directory tiny-model && model="$(TINY_DIR)"; fi; \
+	exec $(PY) -m server serve --model "$$model" --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP) ## install and run the whole test suite
+	@if [ -f scripts/install-actionlint.sh ]; then bash scripts/install-actionlint.sh; fi
+	@if [ -f scripts/install-k8s-tools.sh ]; then bash scripts/install-k8s-tools.sh; fi
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the tests that start no vLLM engine
+	$(PY) -m pytest -m "not engine" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff, and hadolint on the Dockerfiles
+	$(VENV)/bin/ruff check server tests bench loadtests
+	@for f in docker/Dockerfile*; do [ -f "$$f" ] && $(VENV)/bin/hadolint --failure-threshold warning "$$f"; done; true
+
+format: $(STAMP) ## ruff format and fix imports
+	$(VENV)/bin/ruff check --fix --select I server tests bench loadtests
+	$(VENV)/bin/ruff format server tests bench loadtests
+
+loadtest: $(STAMP) ## bounded headless locust run against a server on the tiny checkpoint
+	bash loadtests/run.sh
+
+bench: $(STAMP) ## side-by-side benchmarks (see docs/benchmarks.md)
+	$(PY) bench/bench_plugin.py
+	$(PY) bench/bench_gateway.py
+
+clean: ## remove caches and reports (keeps .venv)
+	rm -rf .cache .pytest_cache .ruff_cache reports

@@ -1,0 +1,124 @@
+"""Every knob of the server, with a description, from command-line flags or `DSV2_*` environment variables.
+
+Precedence: flag > environment variable > default. Unknown flags after ours are handed to vLLM's own
+engine-argument parser (`--enable-prefix-caching`, `--kv-cache-dtype fp8`, ...), so every vLLM engine option
+is reachable without a flag of ours for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSV2_", extra="ignore", protected_namespaces=())
+
+    model: str = Field(description="Model directory or Hugging Face repo id (e.g. deepseek-ai/DeepSeek-V2-Lite-Chat).")
+    served_model_name: str | None = Field(
+        default=None, description="Name clients pass as `model`; default: the model's directory or repo name."
+    )
+    tokenizer: str | None = Field(default=None, description="Tokenizer path or repo id; default: the model's.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs (or CPU ranks) to split each layer over.")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages to split the layers over.")
+    dtype: str = Field(default="auto", description="Weight/activation dtype: auto, bfloat16, float16 or float32.")
+    quantization: str | None = Field(default=None, description="Quantization method, e.g. awq; default: from config.")
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Context length. Default: the model's, capped at 32768 so the KV cache fits one full sequence.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.90, gt=0, le=1, description="Fraction of GPU memory vLLM may use (ignored on CPU)."
+    )
+    kv_cache_space_gib: float | None = Field(
+        default=None, gt=0, description="CPU only: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE)."
+    )
+    seed: int = Field(default=0, description="Engine random seed.")
+    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (comma-separated in DSV2_API_KEYS); empty = no auth.",
+    )
+    max_concurrent_requests: int = Field(
+        default=256, ge=1, description="Generation requests in flight; beyond it requests get 429."
+    )
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM before they are aborted."
+    )
+    readiness_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long a successful readiness generation is reused."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Allowed CORS origins (comma-separated); empty = CORS off."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(default="text", description="Access and app log format.")
+    engine_args: list[str] = Field(
+        default_factory=list, description="Extra vLLM engine arguments, as on vLLM's command line."
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @property
+    def model_name(self) -> str:
+        """The name served on /v1/models: the flag, else the last path component of the model."""
+        return self.served_model_name or Path(self.model.rstrip("/")).name
+
+
+# flag name -> Settings field; flags default to None so that unset flags fall back to env/defaults.
+_FLAGS: list[tuple[str, dict]] = [
+    ("--model", {}),
+    ("--served-model-name", {}),
+    ("--tokenizer", {}),
+    ("--tensor-parallel-size", {"type": int}),
+    ("--pipeline-parallel-size", {"type": int}),
+    ("--dtype", {}),
+    ("--quantization", {}),
+    ("--max-model-len", {"type": int}),
+    ("--gpu-memory-utilization", {"type": float}),
+    ("--kv-cache-space-gib", {"type": float}),
+    ("--seed", {"type": int}),
+    ("--trust-remote-code", {"action": "store_const", "const": True}),
+    ("--host", {}),
+    ("--port", {"type": int}),
+    ("--api-keys", {}),
+    ("--max-concurrent-requests", {"type": int}),
+    ("--max-request-bytes", {"type": int}),
+    ("--drain-timeout", {"type": float}),
+    ("--readiness-cache-seconds", {"type": float}),
+    ("--cors-origins", {}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
+    ("--log-format", {"choices": ["text", "json"]}),
+]
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, kwargs in _FLAGS:
+        field = flag[2:].replace("-", "_")
+        info = Settings.model_fields[field]
+        env = f"DSV2_{field.upper()}"
+        parser.add_argument(flag, dest=field, default=None, help=f"{info.description} [env {env}]", **kwargs)
+    # Short aliases users of vLLM know.
+    parser.add_argument("-tp", dest="tensor_parallel_size", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--api-key", dest="api_keys", default=None, help="Same as --api-keys.")
+
+
+def settings_from_args(ns: argparse.Namespace, engine_args: list[str]) -> Settings:
+    given = {k: v for k, v in vars(ns).items() if k in Settings.model_fields and v is not None}
+    if engine_args:
+        given["engine_args"] = engine_args
+    return Settings(**given)
