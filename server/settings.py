@@ -9,35 +9,52 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSV2_", extra="ignore", protected_namespaces=())
 
-    model: str = Field(description="Model directory or Hugging Face repo id (e.g. deepseek-ai/DeepSeek-V2-Lite-Chat).")
+    model: str = Field(
+        description="Model directory or Hugging Face repo id (e.g. deepseek-ai/DeepSeek-V2-Lite-Chat)."
+    )
     served_model_name: str | None = Field(
         default=None, description="Name clients pass as `model`; default: the model's directory or repo name."
     )
-    tokenizer: str | None = Field(default=None, description="Tokenizer path or repo id; default: the model's.")
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs (or CPU ranks) to split each layer over.")
-    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages to split the layers over.")
-    dtype: str = Field(default="auto", description="Weight/activation dtype: auto, bfloat16, float16 or float32.")
-    quantization: str | None = Field(default=None, description="Quantization method, e.g. awq; default: from config.")
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer path or repo id; default: the model's."
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs (or CPU ranks) to split each layer over."
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="Pipeline stages to split the layers over."
+    )
+    dtype: str = Field(
+        default="auto", description="Weight/activation dtype: auto, bfloat16, float16 or float32."
+    )
+    quantization: str | None = Field(
+        default=None, description="Quantization method, e.g. awq; default: from config."
+    )
     max_model_len: int | None = Field(
         default=None,
         ge=16,
         description="Context length. Default: the model's, capped at 32768 so the KV cache fits one full sequence.",
     )
     gpu_memory_utilization: float = Field(
-        default=0.90, gt=0, le=1, description="Fraction of GPU memory vLLM may use (ignored on CPU)."
+        default=0.90,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory vLLM may use; on CPU, the fraction of host memory that must be free at startup.",
     )
     kv_cache_space_gib: float | None = Field(
-        default=None, gt=0, description="CPU only: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE)."
+        default=None,
+        gt=0,
+        description="KV cache size in GiB. Default: from --gpu-memory-utilization on GPUs; 4 GiB on CPU "
+        "(or VLLM_CPU_KVCACHE_SPACE).",
     )
     seed: int = Field(default=0, description="Engine random seed.")
     trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
@@ -50,9 +67,13 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         default=256, ge=1, description="Generation requests in flight; beyond it requests get 429."
     )
-    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request body (413 above)."
+    )
     drain_timeout: float = Field(
-        default=30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM before they are aborted."
+        default=30.0,
+        ge=0,
+        description="Seconds in-flight requests may finish after SIGTERM before they are aborted.",
     )
     readiness_cache_seconds: float = Field(
         default=5.0, ge=0, description="How long a successful readiness generation is reused."

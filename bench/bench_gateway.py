@@ -1,0 +1,334 @@
+"""Benchmark (not a test): our gateway vs vLLM's own OpenAI server vs the engine alone, same model, same
+engine flags, same load, rounds alternating between targets.
+
+    python bench/bench_gateway.py [--model DIR] [--concurrency 8 --requests 48 --max-tokens 96 --rounds 3]
+    python bench/bench_gateway.py --model /tmp/tiny -- --enforce-eager      # engine flags for every target
+
+Prints output tok/s, TTFT p50/p99 and inter-token latency p50/p99 per target, and the ratios
+gateway / vLLM-server (tok/s: higher is better, so >= 1.00 is the goal; latencies: vLLM / gateway, so
+>= 1.00 also means the gateway is at least as fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Tell me a story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "Write a short poem about autumn rain.",
+    "What is the capital of France and why is it famous?",
+]
+MODEL_NAME = "bench-model"
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall: float = 0.0
+    errors: int = 0
+
+    def merge(self, other: Result) -> None:
+        self.ttft += other.ttft
+        self.itl += other.itl
+        self.tokens += other.tokens
+        self.wall += other.wall
+        self.errors += other.errors
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# --- HTTP targets ----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+async def one_http_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Result:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = Result()
+    start = time.perf_counter()
+    last = None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            r.errors += 1
+            return r
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage") and not chunk["choices"]:
+                r.tokens += chunk["usage"]["completion_tokens"]
+                continue
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                if last is None:
+                    r.ttft.append(now - start)
+                else:
+                    r.itl.append(now - last)
+                last = now
+    return r
+
+
+async def http_round(url: str, concurrency: int, requests: int, max_tokens: int) -> Result:
+    total = Result()
+    queue = list(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                total.merge(await one_http_request(client, url, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        total.wall = time.perf_counter() - start
+    return total
+
+
+# --- engine alone (AsyncLLM in this process, no HTTP) --------------------------------------------------------------
+
+
+class EngineAlone:
+    def __init__(self, model: str, engine_args: list[str]) -> None:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+        args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", model, *engine_args]))
+        self.llm = AsyncLLM.from_engine_args(args)
+        tok = AutoTokenizer.from_pretrained(model)
+        self.prompts = [
+            tok.encode(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )
+            for p in PROMPTS
+        ]
+
+    async def one(self, i: int, max_tokens: int) -> Result:
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
+        r = Result()
+        start = time.perf_counter()
+        last = None
+        async for out in self.llm.generate(
+            tokens_input(self.prompts[i % len(self.prompts)]), params, f"b-{i}-{start}"
+        ):
+            n = len(out.outputs[0].token_ids)
+            if n:
+                now = time.perf_counter()
+                if last is None:
+                    r.ttft.append(now - start)
+                else:
+                    r.itl.append(now - last)
+                last = now
+                r.tokens += n
+        return r
+
+    async def round(self, concurrency: int, requests: int, max_tokens: int) -> Result:
+        total = Result()
+        queue = list(range(requests))
+
+        async def worker() -> None:
+            while queue:
+                total.merge(await self.one(queue.pop(), max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        total.wall = time.perf_counter() - start
+        return total
+
+
+# --- main ------------------------------------------------------------------------------------------------------------
+
+
+def summary(name: str, r: Result) -> str:
+    return (
+        f"{name:<14} tok/s {r.tok_s:8.1f}  TTFT p50 {pct(r.ttft, 50) * 1e3:7.1f} ms  p99 {pct(r.ttft, 99) * 1e3:7.1f} ms"
+        f"  ITL p50 {pct(r.itl, 50) * 1e3:6.2f} ms  p99 {pct(r.itl, 99) * 1e3:6.2f} ms  errors {r.errors}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="model directory or repo id; default: a fresh tiny checkpoint")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=48, help="requests per round per target")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-engine-alone", action="store_true")
+    parser.add_argument("engine_args", nargs="*", help="vLLM engine flags given to every target (after --)")
+    a = parser.parse_args()
+
+    # On CPU --gpu-memory-utilization is the fraction of host memory vLLM checks for: three engines share it here.
+    flags = [
+        "--served-model-name",
+        MODEL_NAME,
+        "--max-model-len",
+        "1024",
+        "--gpu-memory-utilization",
+        "0.2",
+        *a.engine_args,
+    ]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
+    if a.model is None:
+        from server.tiny_model import write_tiny_model
+
+        a.model = str(write_tiny_model(tmp / "tiny"))
+    ours_port, vllm_port = free_port(), free_port()
+    ours = launch(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--model",
+            a.model,
+            "--port",
+            str(ours_port),
+            "--log-level",
+            "warning",
+            *flags,
+        ],
+        tmp / "gateway.log",
+    )
+    theirs = launch(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            a.model,
+            "--port",
+            str(vllm_port),
+            "--uvicorn-log-level",
+            "warning",
+            *flags,
+        ],
+        tmp / "vllm.log",
+    )
+    targets = {"gateway": f"http://127.0.0.1:{ours_port}", "vllm-server": f"http://127.0.0.1:{vllm_port}"}
+    try:
+        wait_ready(targets["gateway"], ours, "/ready")
+        wait_ready(targets["vllm-server"], theirs, "/health")
+        engine = None if a.no_engine_alone else EngineAlone(a.model, flags)
+        results = {name: Result() for name in [*targets, *([] if engine is None else ["engine-alone"])]}
+
+        async def bench() -> None:
+            for url in targets.values():  # warm-up
+                await http_round(url, a.concurrency, a.concurrency, 8)
+            for rnd in range(a.rounds):
+                order = list(targets.items()) if rnd % 2 == 0 else list(reversed(targets.items()))
+                for name, url in order:
+                    r = await http_round(url, a.concurrency, a.requests, a.max_tokens)
+                    print(f"round {rnd + 1} {summary(name, r)}", flush=True)
+                    results[name].merge(r)
+                if engine is not None:
+                    r = await engine.round(a.concurrency, a.requests, a.max_tokens)
+                    print(f"round {rnd + 1} {summary('engine-alone', r)}", flush=True)
+                    results["engine-alone"].merge(r)
+
+        asyncio.run(bench())
+        print("\n== totals ==")
+        for name, r in results.items():
+            print(summary(name, r))
+        g, v = results["gateway"], results["vllm-server"]
+        print("\n== gateway vs vLLM's server (>= 1.00 means the gateway is at least as good) ==")
+        print(f"output tok/s        gateway/vllm  {g.tok_s / v.tok_s:5.2f}x")
+        for label, gx, vx in (
+            ("TTFT p50", pct(g.ttft, 50), pct(v.ttft, 50)),
+            ("TTFT p99", pct(g.ttft, 99), pct(v.ttft, 99)),
+            ("ITL p50", pct(g.itl, 50), pct(v.itl, 50)),
+            ("ITL p99", pct(g.itl, 99), pct(v.itl, 99)),
+        ):
+            print(f"{label:<19} vllm/gateway  {vx / gx:5.2f}x")
+        if "engine-alone" in results:
+            e = results["engine-alone"]
+            print(
+                f"\ngateway tok/s / engine alone: {g.tok_s / e.tok_s:5.2f}x   vLLM server / engine alone: {v.tok_s / e.tok_s:5.2f}x"
+            )
+        print(f"\nlogs: {tmp}")
+        if engine is not None:
+            engine.llm.shutdown()
+    finally:
+        for proc in (ours, theirs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (ours, theirs):
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

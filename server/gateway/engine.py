@@ -1,0 +1,344 @@
+"""The engine interface the gateway talks to, and its vLLM implementation (one AsyncLLM per process).
+
+The HTTP layer sees only the plain types below (`SamplingOptions` in, `EngineStep` out), so it never imports
+vLLM and an HTTP unit test can substitute a fake engine (tests/fake_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.settings import Settings
+
+log = logging.getLogger("dsv2.engine")
+
+# Default context length when neither the flag nor vLLM engine args set one: DeepSeek-V2's config says 163840,
+# which a KV cache on one device rarely holds, and vLLM then refuses to start.
+DEFAULT_MAX_MODEL_LEN_CAP = 32768
+
+
+class EngineError(Exception):
+    """The engine failed a request (not the client's fault)."""
+
+
+class EngineDead(EngineError):
+    """The engine process is gone; nothing more can be served."""
+
+
+class EngineRejected(Exception):
+    """The engine refused the request as invalid (a client error); the message names the value."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingOptions:
+    """Everything a request asks of the sampler, in engine-neutral form."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # top-k alternatives per sampled token; 0 = only the sampled token
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    json_schema: dict | None = None
+    json_object: bool = False
+    stream: bool = True  # False: the engine may send only the final output
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]  # (token, logprob), most likely first
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice produced since the last step."""
+
+    index: int
+    text: str
+    num_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+
+
+@dataclass
+class EngineStep:
+    prompt_tokens: int
+    choices: list[ChoiceDelta]
+    finished: bool
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+class Engine(Protocol):
+    """What the gateway needs from an engine."""
+
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    def generate(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineStep]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None:
+        """Raise EngineDead if the engine cannot serve."""
+        ...
+
+    @property
+    def is_dead(self) -> bool: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def default_max_model_len(model: str, trust_remote_code: bool) -> int | None:
+    """The model's own context length capped at DEFAULT_MAX_MODEL_LEN_CAP, or None if the config is unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # let vLLM report a bad model path with its own message
+        log.warning("could not read %s's config to pick a context length: %s", model, exc)
+        return None
+    own = getattr(config, "max_position_embeddings", None)
+    if not isinstance(own, int):
+        return None
+    return min(own, DEFAULT_MAX_MODEL_LEN_CAP)
+
+
+def build_engine_args(settings: Settings):
+    """Settings + pass-through vLLM flags -> AsyncEngineArgs. Our flags win over the same pass-through flag."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm engine args"))
+    ns = parser.parse_args(["--model", settings.model, *settings.engine_args])
+    args = AsyncEngineArgs.from_cli_args(ns)
+
+    args.served_model_name = [settings.model_name]
+    if settings.tokenizer:
+        args.tokenizer = settings.tokenizer
+    args.tensor_parallel_size = settings.tensor_parallel_size
+    args.pipeline_parallel_size = settings.pipeline_parallel_size
+    args.dtype = settings.dtype
+    if settings.quantization:
+        args.quantization = settings.quantization
+    args.gpu_memory_utilization = settings.gpu_memory_utilization
+    args.seed = settings.seed
+    args.trust_remote_code = settings.trust_remote_code or args.trust_remote_code
+    if settings.max_model_len is not None:
+        args.max_model_len = settings.max_model_len
+    elif args.max_model_len is None:
+        args.max_model_len = default_max_model_len(settings.model, args.trust_remote_code)
+    args.attention_backend = args.attention_backend or _cpu_attention_backend(settings.dtype, args)
+    args.kv_cache_memory_bytes = _kv_cache_bytes(settings, args)
+    return args
+
+
+# On CPU, vLLM reads --gpu-memory-utilization as the share of host memory that must be *free* at startup
+# (0.9 by default), which fails on any machine already running something else; a fixed KV cache size skips
+# that check. On GPUs the cache is sized from --gpu-memory-utilization unless a size is given.
+CPU_DEFAULT_KV_CACHE_GIB = 4.0
+
+
+def _kv_cache_bytes(settings: Settings, args: Any) -> int | None:
+    from vllm.platforms import current_platform
+
+    if settings.kv_cache_space_gib is not None:
+        return int(settings.kv_cache_space_gib * 2**30)
+    if args.kv_cache_memory_bytes is not None or not current_platform.is_cpu():
+        return args.kv_cache_memory_bytes
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return None  # vLLM's own variable, honoured by vLLM
+    return int(CPU_DEFAULT_KV_CACHE_GIB * 2**30)
+
+
+def _cpu_attention_backend(dtype: str, args: Any) -> str | None:
+    """On CPU, fp32 needs the reference MLA backend: AMX_MLA (vLLM's pick on AMX CPUs) takes only bf16/fp16."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or args.attention_config.backend is not None:
+        return None
+    if dtype in ("float32", "float"):
+        return "CPU_MLA"
+    return None
+
+
+class VLLMEngine:
+    """One vLLM AsyncLLM; its engine core runs in its own process (unless VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.max_model_len = 0
+        self._llm = None
+        # Parsed now, so that a bad pass-through flag fails before the server starts.
+        self.args = build_engine_args(settings)
+
+    async def start(self) -> None:
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self.args
+        log.info(
+            "starting vLLM engine: model=%s dtype=%s max_model_len=%s tp=%d",
+            args.model,
+            args.dtype,
+            args.max_model_len,
+            args.tensor_parallel_size,
+        )
+        started = time.monotonic()
+        self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self.max_model_len = self._llm.model_config.max_model_len
+        log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
+
+    @property
+    def is_dead(self) -> bool:
+        return self._llm is None or self._llm.errored
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineDead("engine not started")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineDead(str(exc) or type(exc).__name__) from exc
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None and not self._llm.errored:
+            await self._llm.abort(request_id)
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def generate(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineStep]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs.engine import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self._llm
+        if llm is None or llm.errored:
+            raise EngineDead("engine is not running")
+        want_logprobs = options.logprobs is not None
+        first = True
+        try:
+            params = _sampling_params(options)
+            async for out in llm.generate(tokens_input(prompt_token_ids), params, request_id):
+                choices = [
+                    ChoiceDelta(
+                        index=c.index,
+                        text=c.text,
+                        num_tokens=len(c.token_ids),
+                        logprobs=_token_logprobs(c.token_ids, c.logprobs, options.logprobs)
+                        if want_logprobs
+                        else None,
+                        finish_reason=c.finish_reason,
+                    )
+                    for c in out.outputs
+                ]
+                prompt_logprobs = None
+                if first and options.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    prompt_logprobs = [None] + _token_logprobs(
+                        prompt_token_ids[1:], out.prompt_logprobs[1:], options.prompt_logprobs
+                    )
+                first = False
+                yield EngineStep(len(prompt_token_ids), choices, out.finished, prompt_logprobs)
+        except EngineDeadError as exc:
+            raise EngineDead(str(exc)) from exc
+        except (ValueError, VLLMValidationError) as exc:
+            param = getattr(exc, "parameter", None)
+            if param is None and str(exc).startswith("n must be"):
+                param = "n"
+            raise EngineRejected(str(exc), param) from exc
+
+
+def _sampling_params(o: SamplingOptions):
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    structured = None
+    if o.json_schema is not None:
+        structured = StructuredOutputsParams(json=o.json_schema)
+    elif o.json_object:
+        structured = StructuredOutputsParams(json_object=True)
+    return SamplingParams(
+        n=o.n,
+        presence_penalty=o.presence_penalty,
+        frequency_penalty=o.frequency_penalty,
+        repetition_penalty=o.repetition_penalty,
+        temperature=o.temperature,
+        top_p=o.top_p,
+        top_k=o.top_k,
+        min_p=o.min_p,
+        seed=o.seed,
+        stop=o.stop or None,
+        ignore_eos=o.ignore_eos,
+        max_tokens=o.max_tokens,
+        min_tokens=o.min_tokens,
+        logprobs=o.logprobs,
+        prompt_logprobs=o.prompt_logprobs,
+        logit_bias=o.logit_bias,
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA if o.stream else RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _token_logprobs(token_ids, logprobs, top_k: int | None) -> list[TokenLogprob]:
+    """vLLM's per-position {token_id: Logprob} dicts -> TokenLogprob, the chosen token first."""
+    result: list[TokenLogprob] = []
+    if not logprobs:
+        return result
+    k = top_k or 0
+    for token_id, position in zip(token_ids, logprobs, strict=False):
+        if position is None:
+            result.append(TokenLogprob("", 0.0, []))
+            continue
+        chosen = position.get(token_id)
+        ranked = sorted(position.values(), key=lambda lp: lp.rank if lp.rank is not None else math.inf)
+        result.append(
+            TokenLogprob(
+                token=(chosen.decoded_token or "") if chosen is not None else "",
+                logprob=_finite(chosen.logprob) if chosen is not None else -9999.0,
+                top=[(lp.decoded_token or "", _finite(lp.logprob)) for lp in ranked[:k]],
+            )
+        )
+    return result
+
+
+def _finite(x: float) -> float:
+    # JSON has no -inf; OpenAI and vLLM report impossible tokens as -9999.
+    return max(x, -9999.0) if math.isfinite(x) or x < 0 else 0.0
+
+
+async def aclose_quietly(gen: AsyncIterator[Any]) -> None:
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except (Exception, asyncio.CancelledError):
+            pass

@@ -1,0 +1,134 @@
+"""Prometheus metrics of the gateway, exported on /metrics together with vLLM's own `vllm:*` engine metrics.
+
+The gateway's metrics live in a registry of their own (so several apps can exist in one test process);
+vLLM registers its gauges and histograms (vllm:num_requests_running, vllm:num_requests_waiting,
+vllm:kv_cache_usage_perc, ...) in prometheus_client's default registry, which is appended as is.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Routes with a label of their own; anything else counts as "other" (bounded label cardinality).
+ROUTES = frozenset(
+    ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/version"]
+)
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def route_label(path: str) -> str:
+    return path if path in ROUTES else "other"
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "dsv2_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "dsv2_generation_requests_in_flight", "Generation requests being served.", registry=r
+        )
+        self.rejected = Counter(
+            "dsv2_rejected_requests", "Requests refused before generation, by reason.", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "dsv2_time_to_first_token_seconds",
+            "Request arrival to first generated token.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "dsv2_inter_token_latency_seconds",
+            "Time between successive streamed token deliveries.",
+            ["route"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "dsv2_e2e_request_latency_seconds",
+            "Request arrival to last token.",
+            ["route"],
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("dsv2_prompt_tokens", "Prompt tokens processed.", ["route"], registry=r)
+        self.generation_tokens = Counter("dsv2_generation_tokens", "Tokens generated.", ["route"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+class RequestTimer:
+    """TTFT / inter-token / end-to-end timing of one generation request."""
+
+    __slots__ = ("metrics", "route", "start", "last", "ttft", "itl")
+
+    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
+        self.metrics = metrics
+        self.route = route
+        self.start = time.perf_counter()
+        self.last: float | None = None
+        self.ttft = metrics.ttft.labels(route)
+        self.itl = metrics.itl.labels(route)
+
+    def tokens(self) -> None:
+        """Called each time new tokens are delivered."""
+        now = time.perf_counter()
+        if self.last is None:
+            self.ttft.observe(now - self.start)
+        else:
+            self.itl.observe(now - self.last)
+        self.last = now
+
+    def done(self, prompt_tokens: int, completion_tokens: int) -> None:
+        m = self.metrics
+        m.e2e.labels(self.route).observe(time.perf_counter() - self.start)
+        m.prompt_tokens.labels(self.route).inc(prompt_tokens)
+        m.generation_tokens.labels(self.route).inc(completion_tokens)

@@ -1,0 +1,131 @@
+"""Thin HTTP handlers: validate (pydantic), call one Gateway method, return JSON or a stream."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from server import __version__
+from server.gateway import protocol as p
+from server.gateway.serving import Gateway
+
+router = APIRouter()
+
+_ERRORS = {
+    status: {"model": p.ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request (the `param` field names the bad value).",
+        401: "Missing or wrong API key.",
+        404: "Unknown model.",
+        413: "Request body too large.",
+        429: "Too many requests in flight; see Retry-After.",
+        500: "Internal error.",
+        503: "Engine not ready, dead, or the server is draining.",
+    }.items()
+}
+
+
+def _stream_response(model: type) -> dict:
+    return {
+        200: {
+            "model": model,
+            "description": "JSON, or with `stream: true` a text/event-stream of `data: {chunk}` events ending in "
+            "`data: [DONE]`.",
+            # OpenAPI < 3.2: for text/event-stream, `schema` describes one event.
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "data": {
+                                "type": "string",
+                                "description": f"A JSON {model.__name__} chunk, an error object, or [DONE].",
+                            },
+                            "event": {"type": "string"},
+                        },
+                        "required": ["data"],
+                    }
+                }
+            },
+        },
+        **_ERRORS,
+    }
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+@router.post("/v1/chat/completions", responses=_stream_response(p.ChatCompletion), response_model=None)
+async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+    return await gateway(request).chat(body, request)
+
+
+@router.post("/v1/completions", responses=_stream_response(p.Completion), response_model=None)
+async def completions(body: p.CompletionRequest, request: Request) -> Response:
+    return await gateway(request).completion(body, request)
+
+
+@router.get("/v1/models", response_model=p.ModelList, responses={401: _ERRORS[401]})
+async def models(request: Request) -> JSONResponse:
+    return JSONResponse(gateway(request).models())
+
+
+@router.get(
+    "/health",
+    response_model=p.Status,
+    responses={503: {"model": p.ErrorResponse, "description": "Engine dead."}},
+    summary="Liveness: the process and its engine are alive.",
+)
+async def health(request: Request) -> JSONResponse:
+    if await gateway(request).healthy():
+        return JSONResponse({"status": "ok"})
+    return JSONResponse(
+        {"error": {"message": "engine dead", "type": "server_error", "param": None, "code": "engine_dead"}},
+        status_code=503,
+    )
+
+
+@router.get(
+    "/ready",
+    response_model=p.Status,
+    responses={
+        503: {"model": p.ErrorResponse, "description": "Not ready: starting, draining or engine failing."}
+    },
+    summary="Readiness: a one-token generation works (cached a few seconds); fails while draining.",
+)
+async def ready(request: Request) -> JSONResponse:
+    ok, reason = await gateway(request).ready()
+    if ok:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse(
+        {
+            "error": {
+                "message": f"not ready: {reason}",
+                "type": "server_error",
+                "param": None,
+                "code": "not_ready",
+            }
+        },
+        status_code=503,
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."}
+    },
+)
+async def metrics(request: Request) -> Response:
+    return Response(gateway(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/version", response_model=p.Version)
+async def version() -> JSONResponse:
+    try:
+        from vllm import __version__ as vllm_version
+    except Exception:  # the gateway's unit tests may run without vLLM importable
+        vllm_version = None
+    return JSONResponse({"version": __version__, "vllm": vllm_version})

@@ -1,0 +1,273 @@
+"""Engine steps -> SSE events: role chunk first, content deltas, finish_reason on each choice's last chunk,
+the usage chunk when asked, `data: [DONE]`. All SSE framing lives here.
+
+Chunks are written with json.dumps over plain dicts in OpenAI's field order (the shapes of
+protocol.ChatCompletionChunk / protocol.Completion); this is the per-token hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.gateway.engine import EngineStep, TokenLogprob
+from server.gateway.errors import APIError
+
+log = logging.getLogger("dsv2.stream")
+
+DONE = b"data: [DONE]\n\n"
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+
+def error_event(err: APIError) -> bytes:
+    return sse(err.body())
+
+
+# --- logprob shapes ------------------------------------------------------------------------------------------
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.token.encode()),
+                "top_logprobs": [
+                    {"token": tok, "logprob": lp, "bytes": list(tok.encode())} for tok, lp in t.top
+                ],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(tokens: list[TokenLogprob | None], offset: int) -> tuple[dict, int]:
+    """Legacy completions logprobs; returns it and the text offset after these tokens."""
+    out: dict = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    for t in tokens:
+        out["text_offset"].append(offset)
+        if t is None:  # the first prompt token has no logprob
+            out["token_logprobs"].append(None)
+            out["tokens"].append("")
+            out["top_logprobs"].append(None)
+            continue
+        out["tokens"].append(t.token)
+        out["token_logprobs"].append(t.logprob)
+        top = {tok: lp for tok, lp in t.top}
+        top.setdefault(t.token, t.logprob)
+        out["top_logprobs"].append(top)
+        offset += len(t.token)
+    return out, offset
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "completion_tokens": completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# --- event generators ----------------------------------------------------------------------------------------
+
+
+class StreamAborted(Exception):
+    """The engine aborted the request (drain timeout): reported to the client as an error event."""
+
+
+async def chat_events(
+    steps: AsyncIterator[EngineStep],
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    n: int,
+    include_usage: bool,
+    on_tokens: Callable[[], None],
+    on_done: Callable[[int, int], None],
+) -> AsyncIterator[bytes]:
+    base = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+    }
+    tail = {"usage": None} if include_usage else {}
+
+    def chunk(choice: dict) -> bytes:
+        return sse({**base, "choices": [choice], **tail})
+
+    for i in range(n):
+        yield chunk(
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
+
+    prompt_tokens = completion_tokens = 0
+    try:
+        async for step in steps:
+            prompt_tokens = step.prompt_tokens
+            produced = False
+            for c in step.choices:
+                completion_tokens += c.num_tokens
+                produced = produced or c.num_tokens > 0
+                finish = c.finish_reason
+                if finish == "abort":
+                    raise StreamAborted()
+                if not c.text and finish is None and not c.logprobs:
+                    continue
+                yield chunk(
+                    {
+                        "index": c.index,
+                        "delta": {"content": c.text} if c.text else {},
+                        "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                        "finish_reason": finish,
+                    }
+                )
+            if produced:
+                on_tokens()
+    except StreamAborted:
+        yield error_event(APIError("request aborted: the server is shutting down", 503))
+        yield DONE
+        return
+    except APIError as err:
+        yield error_event(err)
+        yield DONE
+        return
+    except Exception as exc:  # engine failure mid-stream
+        log.exception("stream %s failed", request_id)
+        yield error_event(APIError(f"engine error: {exc or type(exc).__name__}", 500))
+        yield DONE
+        return
+    on_done(prompt_tokens, completion_tokens)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    yield DONE
+
+
+async def completion_events(
+    steps: AsyncIterator[tuple[int, EngineStep]],
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    n: int,
+    echo: list[tuple[str, list[TokenLogprob | None] | None]] | None,
+    include_usage: bool,
+    on_tokens: Callable[[], None],
+    on_done: Callable[[int, int], None],
+) -> AsyncIterator[bytes]:
+    """`steps` yields (prompt index, step); choice index = prompt index * n + the step's choice index.
+
+    echo: per prompt, its text and (when logprobs were asked) its token logprobs, sent before the first delta.
+    """
+    base = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+    }
+    tail = {"usage": None} if include_usage else {}
+    offsets: dict[int, int] = {}
+    echoed: set[int] = set()
+    prompt_tokens: dict[int, int] = {}
+    completion_tokens = 0
+
+    def chunk(index: int, text: str, logprobs: dict | None, finish: str | None) -> bytes:
+        return sse(
+            {
+                **base,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+                **tail,
+            }
+        )
+
+    try:
+        async for p, step in steps:
+            prompt_tokens[p] = step.prompt_tokens
+            produced = False
+            for c in step.choices:
+                index = p * n + c.index
+                completion_tokens += c.num_tokens
+                produced = produced or c.num_tokens > 0
+                if c.finish_reason == "abort":
+                    raise StreamAborted()
+                text, lp = c.text, None
+                if echo is not None and index not in echoed:
+                    echoed.add(index)
+                    echo_text, echo_lps = echo[p]
+                    text = echo_text + text
+                    if c.logprobs is not None and echo_lps is not None:
+                        lp, offsets[index] = completion_logprobs(echo_lps, 0)
+                if c.logprobs is not None:
+                    more, offsets[index] = completion_logprobs(c.logprobs, offsets.get(index, 0))
+                    if lp is None:
+                        lp = more
+                    else:
+                        for key in lp:
+                            lp[key].extend(more[key])
+                if not text and c.finish_reason is None and lp is None:
+                    continue
+                yield chunk(index, text, lp, c.finish_reason)
+            if produced:
+                on_tokens()
+    except StreamAborted:
+        yield error_event(APIError("request aborted: the server is shutting down", 503))
+        yield DONE
+        return
+    except APIError as err:
+        yield error_event(err)
+        yield DONE
+        return
+    except Exception as exc:
+        log.exception("stream %s failed", request_id)
+        yield error_event(APIError(f"engine error: {exc or type(exc).__name__}", 500))
+        yield DONE
+        return
+    total_prompt = sum(prompt_tokens.values())
+    on_done(total_prompt, completion_tokens)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(total_prompt, completion_tokens)})
+    yield DONE
+
+
+class SSEResponse(StreamingResponse):
+    """text/event-stream whose `on_close` runs however the response ends: finished, failed, or the client left.
+
+    Starlette cancels the body iterator when the client disconnects (ASGI spec < 2.4), which aborts the engine
+    request; `on_close` also covers a body iterator that never started.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], headers=None
+    ) -> None:
+        super().__init__(
+            content,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
+            media_type=self.media_type,
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()

@@ -1,0 +1,67 @@
+"""Settings (flags > DSV2_* environment > defaults) and how they become vLLM engine arguments. No engine starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.__main__ import build_parser
+from server.settings import Settings, settings_from_args
+
+
+def parse(argv: list[str]) -> Settings:
+    args, extra = build_parser().parse_known_args(["serve", *argv])
+    return settings_from_args(args, extra)
+
+
+def test_flags_env_and_defaults(monkeypatch, tiny_lite_dir):
+    monkeypatch.setenv("DSV2_PORT", "9001")
+    monkeypatch.setenv("DSV2_API_KEYS", "a, b")
+    monkeypatch.setenv("DSV2_MAX_CONCURRENT_REQUESTS", "7")
+    s = parse(["--model", str(tiny_lite_dir), "--port", "9002", "--cors-origins", "https://x,https://y"])
+    assert s.port == 9002  # flag beats environment
+    assert s.api_keys == ["a", "b"] and s.max_concurrent_requests == 7
+    assert s.cors_origins == ["https://x", "https://y"]
+    assert s.model_name == tiny_lite_dir.name
+    assert s.drain_timeout == 30 and s.log_format == "text"
+
+
+def test_unknown_flags_are_engine_args(tiny_lite_dir):
+    s = parse(["--model", str(tiny_lite_dir), "--enable-prefix-caching", "--max-num-seqs", "8", "-tp", "1"])
+    assert s.engine_args == ["--enable-prefix-caching", "--max-num-seqs", "8"]
+
+
+def test_engine_args_from_settings(tiny_lite_dir):
+    from server.gateway.engine import DEFAULT_MAX_MODEL_LEN_CAP, build_engine_args
+
+    s = parse(
+        ["--model", str(tiny_lite_dir), "--served-model-name", "m", "--max-num-seqs", "8", "--seed", "3"]
+    )
+    args = build_engine_args(s)
+    assert args.max_num_seqs == 8 and args.seed == 3 and args.served_model_name == ["m"]
+    # The tiny config says 163840 like DeepSeek-V2-Lite; the default must be capped.
+    assert args.max_model_len == DEFAULT_MAX_MODEL_LEN_CAP
+    assert (
+        build_engine_args(parse(["--model", str(tiny_lite_dir), "--max-model-len", "1024"])).max_model_len
+        == 1024
+    )
+
+
+def test_float32_on_cpu_uses_reference_mla(tiny_lite_dir):
+    from vllm.platforms import current_platform
+
+    from server.gateway.engine import build_engine_args
+
+    args = build_engine_args(parse(["--model", str(tiny_lite_dir), "--dtype", "float32"]))
+    if current_platform.is_cpu():
+        assert str(args.attention_backend).endswith("CPU_MLA")
+    args = build_engine_args(
+        parse(["--model", str(tiny_lite_dir), "--dtype", "float32", "--attention-backend", "TRITON_MLA"])
+    )
+    assert "TRITON_MLA" in str(args.attention_backend)
+
+
+def test_bad_engine_flag_exits(tiny_lite_dir):
+    from server.gateway.engine import build_engine_args
+
+    with pytest.raises(SystemExit):
+        build_engine_args(parse(["--model", str(tiny_lite_dir), "--no-such-vllm-flag"]))
