@@ -1,7 +1,7 @@
 """Benchmark (not a test): our gateway vs vLLM's own OpenAI server vs the engine alone, same model, same
 engine flags, same load, rounds alternating between targets.
 
-    python bench/bench_gateway.py [--model DIR] [--concurrency 8 --requests 48 --max-tokens 96 --rounds 3]
+    python bench/bench_gateway.py [--model DIR] [--concurrency 1,8,32 --requests 48 --max-tokens 96 --rounds 3]
     python bench/bench_gateway.py --model /tmp/tiny -- --enforce-eager      # engine flags for every target
 
 Prints output tok/s, TTFT p50/p99 and inter-token latency p50/p99 per target, and the ratios
@@ -215,12 +215,41 @@ def summary(name: str, r: Result) -> str:
     )
 
 
+def report(conc: int, results: dict[str, Result]) -> None:
+    print(f"\n== concurrency {conc}: totals ==")
+    for name, r in results.items():
+        print(summary(name, r))
+    g, v = results["gateway"], results["vllm-server"]
+    print(
+        f"== concurrency {conc}: gateway vs vLLM's server (>= 1.00 means the gateway is at least as good) =="
+    )
+    print(f"output tok/s        gateway/vllm  {g.tok_s / v.tok_s:5.2f}x")
+    for label, gx, vx in (
+        ("TTFT p50", pct(g.ttft, 50), pct(v.ttft, 50)),
+        ("TTFT p99", pct(g.ttft, 99), pct(v.ttft, 99)),
+        ("ITL p50", pct(g.itl, 50), pct(v.itl, 50)),
+        ("ITL p99", pct(g.itl, 99), pct(v.itl, 99)),
+    ):
+        print(f"{label:<19} vllm/gateway  {vx / gx:5.2f}x")
+    if "engine-alone" in results:
+        e = results["engine-alone"]
+        print(
+            f"gateway tok/s / engine alone: {g.tok_s / e.tok_s:5.2f}x   "
+            f"vLLM server / engine alone: {v.tok_s / e.tok_s:5.2f}x"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="model directory or repo id; default: a fresh tiny checkpoint")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--concurrency",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 8],
+        help="comma-separated concurrencies, each measured for every target (default 1,8)",
+    )
     parser.add_argument("--requests", type=int, default=48, help="requests per round per target")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)
@@ -280,41 +309,27 @@ def main() -> int:
         wait_ready(targets["gateway"], ours, "/ready")
         wait_ready(targets["vllm-server"], theirs, "/health")
         engine = None if a.no_engine_alone else EngineAlone(a.model, flags)
-        results = {name: Result() for name in [*targets, *([] if engine is None else ["engine-alone"])]}
+        names = [*targets, *([] if engine is None else ["engine-alone"])]
+        results = {(c, name): Result() for c in a.concurrency for name in names}
 
         async def bench() -> None:
             for url in targets.values():  # warm-up
-                await http_round(url, a.concurrency, a.concurrency, 8)
-            for rnd in range(a.rounds):
-                order = list(targets.items()) if rnd % 2 == 0 else list(reversed(targets.items()))
-                for name, url in order:
-                    r = await http_round(url, a.concurrency, a.requests, a.max_tokens)
-                    print(f"round {rnd + 1} {summary(name, r)}", flush=True)
-                    results[name].merge(r)
-                if engine is not None:
-                    r = await engine.round(a.concurrency, a.requests, a.max_tokens)
-                    print(f"round {rnd + 1} {summary('engine-alone', r)}", flush=True)
-                    results["engine-alone"].merge(r)
+                await http_round(url, 4, 4, 8)
+            for conc in a.concurrency:
+                for rnd in range(a.rounds):
+                    order = list(targets.items()) if rnd % 2 == 0 else list(reversed(targets.items()))
+                    for name, url in order:
+                        r = await http_round(url, conc, a.requests, a.max_tokens)
+                        print(f"c={conc:<3} round {rnd + 1} {summary(name, r)}", flush=True)
+                        results[conc, name].merge(r)
+                    if engine is not None:
+                        r = await engine.round(conc, a.requests, a.max_tokens)
+                        print(f"c={conc:<3} round {rnd + 1} {summary('engine-alone', r)}", flush=True)
+                        results[conc, "engine-alone"].merge(r)
 
         asyncio.run(bench())
-        print("\n== totals ==")
-        for name, r in results.items():
-            print(summary(name, r))
-        g, v = results["gateway"], results["vllm-server"]
-        print("\n== gateway vs vLLM's server (>= 1.00 means the gateway is at least as good) ==")
-        print(f"output tok/s        gateway/vllm  {g.tok_s / v.tok_s:5.2f}x")
-        for label, gx, vx in (
-            ("TTFT p50", pct(g.ttft, 50), pct(v.ttft, 50)),
-            ("TTFT p99", pct(g.ttft, 99), pct(v.ttft, 99)),
-            ("ITL p50", pct(g.itl, 50), pct(v.itl, 50)),
-            ("ITL p99", pct(g.itl, 99), pct(v.itl, 99)),
-        ):
-            print(f"{label:<19} vllm/gateway  {vx / gx:5.2f}x")
-        if "engine-alone" in results:
-            e = results["engine-alone"]
-            print(
-                f"\ngateway tok/s / engine alone: {g.tok_s / e.tok_s:5.2f}x   vLLM server / engine alone: {v.tok_s / e.tok_s:5.2f}x"
-            )
+        for conc in a.concurrency:
+            report(conc, {name: results[conc, name] for name in names})
         print(f"\nlogs: {tmp}")
         if engine is not None:
             engine.llm.shutdown()

@@ -31,6 +31,16 @@ def error_event(err: APIError) -> bytes:
     return sse(err.body())
 
 
+def failure_event(request_id: str, exc: Exception) -> bytes:
+    """The error event that ends a stream which failed after its headers were sent."""
+    if isinstance(exc, StreamAborted):
+        return error_event(APIError("request aborted: the server is shutting down", 503))
+    if isinstance(exc, APIError):
+        return error_event(exc)
+    log.error("stream %s failed", request_id, exc_info=exc)
+    return error_event(APIError(f"engine error: {exc or type(exc).__name__}", 500))
+
+
 # --- logprob shapes ------------------------------------------------------------------------------------------
 
 
@@ -141,17 +151,8 @@ async def chat_events(
                 )
             if produced:
                 on_tokens()
-    except StreamAborted:
-        yield error_event(APIError("request aborted: the server is shutting down", 503))
-        yield DONE
-        return
-    except APIError as err:
-        yield error_event(err)
-        yield DONE
-        return
-    except Exception as exc:  # engine failure mid-stream
-        log.exception("stream %s failed", request_id)
-        yield error_event(APIError(f"engine error: {exc or type(exc).__name__}", 500))
+    except Exception as exc:  # drain abort, a late request error, or an engine failure mid-stream
+        yield failure_event(request_id, exc)
         yield DONE
         return
     on_done(prompt_tokens, completion_tokens)
@@ -227,17 +228,8 @@ async def completion_events(
                 yield chunk(index, text, lp, c.finish_reason)
             if produced:
                 on_tokens()
-    except StreamAborted:
-        yield error_event(APIError("request aborted: the server is shutting down", 503))
-        yield DONE
-        return
-    except APIError as err:
-        yield error_event(err)
-        yield DONE
-        return
-    except Exception as exc:
-        log.exception("stream %s failed", request_id)
-        yield error_event(APIError(f"engine error: {exc or type(exc).__name__}", 500))
+    except Exception as exc:  # drain abort, a late request error, or an engine failure mid-stream
+        yield failure_event(request_id, exc)
         yield DONE
         return
     total_prompt = sum(prompt_tokens.values())
