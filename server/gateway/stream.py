@@ -1,8 +1,9 @@
 """Engine steps -> SSE events: role chunk first, content deltas, finish_reason on each choice's last chunk,
 the usage chunk when asked, `data: [DONE]`. All SSE framing lives here.
 
-Chunks are written with json.dumps over plain dicts in OpenAI's field order (the shapes of
-protocol.ChatCompletionChunk / protocol.Completion); this is the per-token hot path.
+Chunks are written as compact JSON in OpenAI's field order (the shapes of protocol.ChatCompletionChunk /
+protocol.Completion); this is the per-token hot path, so the part of a chunk that is the same for the whole
+stream (id, object, created, model, ...) is encoded once per request and each token adds only its choice.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from json.encoder import encode_basestring  # the C string encoder json.dumps(ensure_ascii=False) uses
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -25,6 +27,20 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def sse(obj: dict) -> bytes:
     return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+
+def _frame(base: dict, include_usage: bool) -> tuple[str, str]:
+    """The text around a chunk's one choice: `data: {<base>,"choices":[` and `]<,"usage":null>}` + blank line.
+
+    prefix + _dumps(choice) + suffix is byte for byte sse({**base, "choices": [choice], **tail}): the constant
+    part of every chunk is encoded once per request instead of once per token.
+    """
+    prefix = "data: " + _dumps(base)[:-1] + ',"choices":['
+    return prefix, ('],"usage":null}\n\n' if include_usage else "]}\n\n")
+
+
+def _finish_json(finish: str | None) -> str:
+    return "null" if finish is None else encode_basestring(finish)
 
 
 def error_event(err: APIError) -> bytes:
@@ -113,10 +129,10 @@ async def chat_events(
         "model": model,
         "system_fingerprint": None,
     }
-    tail = {"usage": None} if include_usage else {}
+    prefix, suffix = _frame(base, include_usage)
 
     def chunk(choice: dict) -> bytes:
-        return sse({**base, "choices": [choice], **tail})
+        return (prefix + _dumps(choice) + suffix).encode()
 
     for i in range(n):
         yield chunk(
@@ -128,6 +144,8 @@ async def chat_events(
             }
         )
 
+    # The usual chunk (text, no logprobs) is assembled from pre-encoded pieces; anything else goes through chunk().
+    heads = [f'{prefix}{{"index":{i},"delta":{{"content":' for i in range(n)]
     prompt_tokens = completion_tokens = 0
     try:
         async for step in steps:
@@ -139,12 +157,19 @@ async def chat_events(
                 finish = c.finish_reason
                 if finish == "abort":
                     raise StreamAborted()
-                if not c.text and finish is None and not c.logprobs:
+                text = c.text
+                if c.logprobs is None and text and 0 <= c.index < n:
+                    yield (
+                        f'{heads[c.index]}{encode_basestring(text)}}},"logprobs":null,'
+                        f'"finish_reason":{_finish_json(finish)}}}{suffix}'
+                    ).encode()
+                    continue
+                if not text and finish is None and not c.logprobs:
                     continue
                 yield chunk(
                     {
                         "index": c.index,
-                        "delta": {"content": c.text} if c.text else {},
+                        "delta": {"content": text} if text else {},
                         "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
                         "finish_reason": finish,
                     }
@@ -184,20 +209,18 @@ async def completion_events(
         "model": model,
         "system_fingerprint": None,
     }
-    tail = {"usage": None} if include_usage else {}
+    prefix, suffix = _frame(base, include_usage)
     offsets: dict[int, int] = {}
     echoed: set[int] = set()
     prompt_tokens: dict[int, int] = {}
     completion_tokens = 0
 
     def chunk(index: int, text: str, logprobs: dict | None, finish: str | None) -> bytes:
-        return sse(
-            {
-                **base,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-                **tail,
-            }
-        )
+        return (
+            f'{prefix}{{"index":{index},"text":{encode_basestring(text)},'
+            f'"logprobs":{"null" if logprobs is None else _dumps(logprobs)},'
+            f'"finish_reason":{_finish_json(finish)}}}{suffix}'
+        ).encode()
 
     try:
         async for p, step in steps:
