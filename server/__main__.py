@@ -9,7 +9,9 @@ from server import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m server", description="dsv2-serve: DeepSeek-V2 behind the OpenAI API.")
+    parser = argparse.ArgumentParser(
+        prog="python -m server", description="dsv2-serve: DeepSeek-V2 behind the OpenAI API."
+    )
     parser.add_argument("--version", action="version", version=f"dsv2-serve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -23,18 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(serve)
 
-    tiny = sub.add_parser("tiny-model", help="Write a tiny random-weight DeepSeek-V2 checkpoint for tests and demos.")
+    tiny = sub.add_parser(
+        "tiny-model", help="Write a tiny random-weight DeepSeek-V2 checkpoint for tests and demos."
+    )
     tiny.add_argument("out_dir", help="Directory to write the checkpoint to.")
-    tiny.add_argument("--seed", type=int, default=0, help="Random seed; the same seed writes byte-identical files.")
+    tiny.add_argument(
+        "--seed", type=int, default=0, help="Random seed; the same seed writes byte-identical files."
+    )
     tiny.add_argument(
         "--variant",
         choices=["lite", "v2"],
         default="lite",
         help="lite = DeepSeek-V2-Lite layout; v2 = full DeepSeek-V2 layout (q compression, group-limited routing).",
     )
-    tiny.add_argument("--awq", action="store_true", help="Write 4-bit AWQ (AutoAWQ GEMM layout, group size 64).")
     tiny.add_argument(
-        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="dtype of unquantised tensors."
+        "--awq", action="store_true", help="Write 4-bit AWQ (AutoAWQ GEMM layout, group size 64)."
+    )
+    tiny.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="dtype of unquantised tensors.",
     )
     return parser
 
@@ -47,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         from server.tiny_model import write_tiny_model
 
-        out = write_tiny_model(args.out_dir, seed=args.seed, variant=args.variant, awq=args.awq, dtype=args.dtype)
+        out = write_tiny_model(
+            args.out_dir, seed=args.seed, variant=args.variant, awq=args.awq, dtype=args.dtype
+        )
         print(f"wrote tiny DeepSeek-V2 ({args.variant}{', awq' if args.awq else ''}) checkpoint to {out}")
         return 0
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from server.model.awq import AWQ_ORDER
+
 DATA = Path(__file__).parent / "data"
 CHAT_TEMPLATE = (DATA / "deepseek_v2_chat_template.jinja").read_text()
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -35,8 +37,6 @@ YARN = {
 }
 
 AWQ_GROUP_SIZE = 64
-# AutoAWQ packs 8 nibbles per int32 in this column order.
-AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 # std 0.02 (the usual init) makes random-weight logits near-uniform: greedy comparisons would flip on rounding.
 INIT_STD = 0.1
@@ -105,7 +105,9 @@ def tiny_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     qk_head = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     kv_lora, rope, v_head = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h, generator=gen)}
+    w: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h, generator=gen)
+    }
 
     def mlp(prefix: str, inter: int) -> None:
         w[f"{prefix}.gate_proj.weight"] = linear(inter, h)
@@ -142,7 +144,7 @@ def awq_pack(w: torch.Tensor, group_size: int = AWQ_GROUP_SIZE) -> dict[str, tor
     """Quantise a [out, in] weight to AutoAWQ's GEMM layout.
 
     Returns qweight [in, out/8] int32, qzeros [in/g, out/8] int32 and scales [in/g, out] fp16, such that
-    W^T[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n].
+    W^T[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n]; `server.model.awq.awq_dequantize` inverts it.
     """
     out_f, in_f = w.shape
     if in_f % group_size or out_f % 8:
@@ -163,26 +165,11 @@ def awq_pack(w: torch.Tensor, group_size: int = AWQ_GROUP_SIZE) -> dict[str, tor
 def _pack_cols(x: torch.Tensor) -> torch.Tensor:
     """[R, N] nibbles -> [R, N/8] int32, AutoAWQ's interleaved order."""
     r, n = x.shape
-    x = x.reshape(r, n // 8, 8)[:, :, AWQ_PACK_ORDER]
+    x = x.reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)]
     packed = torch.zeros(r, n // 8, dtype=torch.int64)
     for i in range(8):
         packed |= (x[:, :, i].to(torch.int64) & 0xF) << (4 * i)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
-def awq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Inverse of `awq_pack`: the dequantised [out, in] fp32 weight."""
-    def unpack(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.int64) & 0xFFFFFFFF
-        nib = torch.stack([(x >> (4 * i)) & 0xF for i in range(8)], dim=-1)  # [R, N/8, 8]
-        out = torch.empty_like(nib)
-        out[:, :, AWQ_PACK_ORDER] = nib
-        return out.reshape(x.shape[0], -1)
-
-    q, z = unpack(qweight).float(), unpack(qzeros).float()  # [K, N], [G, N]
-    g = q.shape[0] // z.shape[0]
-    s = scales.float()
-    return ((q - z.repeat_interleave(g, 0)) * s.repeat_interleave(g, 0)).t().contiguous()
 
 
 def _is_awq_target(name: str) -> bool:

@@ -122,7 +122,8 @@ def write_dequantized_copy(awq_dir: Path, out_dir: Path) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    from server.tiny_model import awq_unpack
+    from server.model.awq import awq_dequantize
+    from server.tiny_model import AWQ_GROUP_SIZE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in awq_dir.iterdir():
@@ -133,7 +134,9 @@ def write_dequantized_copy(awq_dir: Path, out_dir: Path) -> Path:
     for name, t in tensors.items():
         base, _, part = name.rpartition(".")
         if part == "qweight":
-            dense[f"{base}.weight"] = awq_unpack(t, tensors[f"{base}.qzeros"], tensors[f"{base}.scales"])
+            dense[f"{base}.weight"] = awq_dequantize(
+                t, tensors[f"{base}.qzeros"], tensors[f"{base}.scales"], AWQ_GROUP_SIZE
+            )
         elif part not in ("qzeros", "scales"):
             dense[name] = t.float()
     save_file(dense, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

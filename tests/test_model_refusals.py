@@ -174,3 +174,23 @@ def test_awq_stacked_and_expert_names_resolve() -> None:
     assert resolve("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", {}) == Target(
         "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_config_hook_keeps_non_bf16_off_amx_mla(tiny_lite_dir, dtype: str) -> None:
+    """vLLM's AMX_MLA takes only bf16 (fp32 is refused, fp16 computes garbage): our config hook picks
+    CPU_MLA for other dtypes on AMX CPUs, and leaves bf16, other platforms and a user's choice alone."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    def backend(**kwargs):
+        args = EngineArgs(str(tiny_lite_dir), dtype=dtype, max_model_len=256, enforce_eager=True, **kwargs)
+        return args.create_engine_config().attention_config.backend
+
+    amx = current_platform.is_cpu() and torch.cpu._is_amx_tile_supported()
+    want = AttentionBackendEnum.CPU_MLA if amx and dtype != "bfloat16" else None
+    assert backend() == want
+    assert backend(attention_backend="AMX_MLA" if amx else "CPU_MLA") == (
+        AttentionBackendEnum.AMX_MLA if amx else AttentionBackendEnum.CPU_MLA
+    )

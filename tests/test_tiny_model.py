@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.tiny_model import YARN, awq_pack, awq_unpack, write_tiny_model
+from server.model.awq import awq_dequantize
+from server.tiny_model import AWQ_GROUP_SIZE, YARN, awq_pack, write_tiny_model
 
 
 def _digest(d: Path) -> dict[str, str]:
@@ -78,7 +79,7 @@ def test_transformers_loads_every_tensor_and_logits_are_discriminative(
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
         logits = model(ids).logits[0]
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     assert len(set(new)) >= 12, f"greedy output is degenerate: {new}"
     top2 = logits.topk(2, dim=-1).values
     gaps = top2[:, 0] - top2[:, 1]
@@ -90,7 +91,7 @@ def test_awq_pack_round_trips_within_half_a_step() -> None:
     packed = awq_pack(w)
     assert packed["qweight"].shape == (192, 8) and packed["qweight"].dtype == torch.int32
     assert packed["qzeros"].shape == (3, 8) and packed["scales"].shape == (3, 64)
-    deq = awq_unpack(**packed)
+    deq = awq_dequantize(**packed, group_size=AWQ_GROUP_SIZE)
     step = packed["scales"].float().repeat_interleave(64, 0).t()
     assert torch.all((deq - w).abs() <= step * 0.5 + 1e-6)
 
@@ -99,12 +100,18 @@ def test_awq_checkpoint_quantises_layer0_mlp_and_experts(tiny_awq_dir: Path) -> 
     from safetensors import safe_open
 
     cfg = json.loads((tiny_awq_dir / "config.json").read_text())
-    assert cfg["quantization_config"]["quant_method"] == "awq" and cfg["quantization_config"]["group_size"] == 64
+    assert (
+        cfg["quantization_config"]["quant_method"] == "awq" and cfg["quantization_config"]["group_size"] == 64
+    )
     assert cfg["intermediate_size"] % 128 != 0
     with safe_open(tiny_awq_dir / "model.safetensors", "pt") as f:
         names = set(f.keys())
-    for base in ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.experts.0.gate_proj",
-                 "model.layers.1.mlp.shared_experts.up_proj", "model.layers.0.self_attn.kv_b_proj"):
+    for base in (
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.experts.0.gate_proj",
+        "model.layers.1.mlp.shared_experts.up_proj",
+        "model.layers.0.self_attn.kv_b_proj",
+    ):
         assert {f"{base}.qweight", f"{base}.qzeros", f"{base}.scales"} <= names, base
     assert "model.layers.1.mlp.gate.weight" in names  # the router stays unquantised
 
@@ -123,10 +130,16 @@ def test_vllm_loads_and_generates_like_transformers(tiny_lite_dir: Path) -> None
     ref = AutoModelForCausalLM.from_pretrained(tiny_lite_dir, dtype=torch.float32)
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
-    want = want[0, ids.shape[1]:].tolist()
+    want = want[0, ids.shape[1] :].tolist()
 
-    llm = LLM(str(tiny_lite_dir), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-              attention_backend=FP32_ATTENTION_BACKEND)
+    llm = LLM(
+        str(tiny_lite_dir),
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        seed=0,
+        attention_backend=FP32_ATTENTION_BACKEND,
+    )
     try:
         got = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].token_ids
     finally:

@@ -6,7 +6,6 @@ vLLM and an HTTP unit test can substitute a fake engine (tests/fake_engine.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -153,7 +152,8 @@ def build_engine_args(settings: Settings):
         args.max_model_len = settings.max_model_len
     elif args.max_model_len is None:
         args.max_model_len = default_max_model_len(settings.model, args.trust_remote_code)
-    args.attention_backend = args.attention_backend or _cpu_attention_backend(settings.dtype, args)
+    # The MLA attention backend is vLLM's pick (or the pass-through flag); on CPU the model plugin's config
+    # hook steers fp16/fp32 away from AMX_MLA, for this gateway and plain vLLM alike.
     args.kv_cache_memory_bytes = _kv_cache_bytes(settings, args)
     return args
 
@@ -174,17 +174,6 @@ def _kv_cache_bytes(settings: Settings, args: Any) -> int | None:
     if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return None  # vLLM's own variable, honoured by vLLM
     return int(CPU_DEFAULT_KV_CACHE_GIB * 2**30)
-
-
-def _cpu_attention_backend(dtype: str, args: Any) -> str | None:
-    """On CPU, fp32 needs the reference MLA backend: AMX_MLA (vLLM's pick on AMX CPUs) takes only bf16/fp16."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or args.attention_config.backend is not None:
-        return None
-    if dtype in ("float32", "float"):
-        return "CPU_MLA"
-    return None
 
 
 class VLLMEngine:
@@ -333,12 +322,3 @@ def _token_logprobs(token_ids, logprobs, top_k: int | None) -> list[TokenLogprob
 def _finite(x: float) -> float:
     # JSON has no -inf; OpenAI and vLLM report impossible tokens as -9999.
     return max(x, -9999.0) if math.isfinite(x) or x < 0 else 0.0
-
-
-async def aclose_quietly(gen: AsyncIterator[Any]) -> None:
-    aclose = getattr(gen, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except (Exception, asyncio.CancelledError):
-            pass

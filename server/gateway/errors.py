@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from http import HTTPStatus
 
@@ -54,12 +53,6 @@ class APIError(Exception):
 
     def response(self) -> Response:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def error_body_bytes(
-    message: str, status: int, *, param: str | None = None, code: str | None = None
-) -> bytes:
-    return json.dumps(APIError(message, status, param=param, code=code).body()).encode()
 
 
 def _loc_to_param(loc: tuple | list) -> str | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import JSONResponse, Response
 
 from server import __version__
 from server.gateway import protocol as p
+from server.gateway.errors import APIError
 from server.gateway.serving import Gateway
 
 router = APIRouter()
@@ -80,10 +82,7 @@ async def models(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     if await gateway(request).healthy():
         return JSONResponse({"status": "ok"})
-    return JSONResponse(
-        {"error": {"message": "engine dead", "type": "server_error", "param": None, "code": "engine_dead"}},
-        status_code=503,
-    )
+    return APIError("engine dead", 503, code="engine_dead").response()
 
 
 @router.get(
@@ -98,17 +97,7 @@ async def ready(request: Request) -> JSONResponse:
     ok, reason = await gateway(request).ready()
     if ok:
         return JSONResponse({"status": "ok"})
-    return JSONResponse(
-        {
-            "error": {
-                "message": f"not ready: {reason}",
-                "type": "server_error",
-                "param": None,
-                "code": "not_ready",
-            }
-        },
-        status_code=503,
-    )
+    return APIError(f"not ready: {reason}", 503, code="not_ready").response()
 
 
 @router.get(
@@ -119,7 +108,7 @@ async def ready(request: Request) -> JSONResponse:
     },
 )
 async def metrics(request: Request) -> Response:
-    return Response(gateway(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(gateway(request).metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 @router.get("/version", response_model=p.Version)

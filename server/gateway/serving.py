@@ -620,7 +620,9 @@ class _Result:
         self.texts[c.index] += c.text
         self.completion_tokens += c.num_tokens
         if c.logprobs is not None:
-            self.logprobs[c.index] = (self.logprobs[c.index] or []) + c.logprobs
+            if self.logprobs[c.index] is None:
+                self.logprobs[c.index] = []
+            self.logprobs[c.index].extend(c.logprobs)
         if c.finish_reason is not None:
             self.finish[c.index] = c.finish_reason
 

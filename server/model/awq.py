@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 AWQ_PARTS = ("qweight", "qzeros", "scales")
 # AutoAWQ stores the 8 nibbles of an int32 in this column order.
-_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [R, C, 8], nibble i at bits 4i
     out = torch.empty_like(nibbles)
-    out[..., list(_AWQ_ORDER)] = nibbles  # nibble i holds column _AWQ_ORDER[i]
+    out[..., list(AWQ_ORDER)] = nibbles  # nibble i holds column AWQ_ORDER[i]
     return out.reshape(packed.shape[0], -1)
 
 
