@@ -64,8 +64,23 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Accepted API keys (comma-separated in DSV2_API_KEYS); empty = no auth.",
     )
-    max_concurrent_requests: int = Field(
-        default=256, ge=1, description="Generation requests in flight; beyond it requests get 429."
+    max_inflight_sequences: int = Field(
+        default=256,
+        ge=1,
+        description="Admission budget: sequences (prompts x n) of all generation requests in flight; a request "
+        "that would exceed it gets 429 with Retry-After.",
+    )
+    max_sequences_per_request: int = Field(
+        default=256,
+        ge=1,
+        description="Most sequences (prompts x n) one request may ask for (400 above); capped by "
+        "--max-inflight-sequences.",
+    )
+    max_buffered_tokens: int = Field(
+        default=1 << 20,
+        ge=1,
+        description="Largest non-streamed result, in token entries: n x max_tokens x (1 + top_logprobs) summed "
+        "over prompts (400 above; streamed requests are not buffered).",
     )
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body (413 above)."
@@ -75,8 +90,21 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds in-flight requests may finish after SIGTERM before they are aborted.",
     )
-    readiness_cache_seconds: float = Field(
-        default=5.0, ge=0, description="How long a successful readiness generation is reused."
+    readiness_window_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A generation that succeeded (a served request, or a probe while idle) keeps the pod ready "
+        "this long; while busy, an engine step within it does too.",
+    )
+    liveness_stall_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="/health fails when requests are in flight and the engine has made no step for this long.",
+    )
+    timeout_keep_alive: int = Field(
+        default=75,
+        ge=1,
+        description="Seconds an idle HTTP keep-alive connection stays open; keep it above the proxy's (often 60).",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Allowed CORS origins (comma-separated); empty = CORS off."
@@ -117,10 +145,14 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--host", {}),
     ("--port", {"type": int}),
     ("--api-keys", {}),
-    ("--max-concurrent-requests", {"type": int}),
+    ("--max-inflight-sequences", {"type": int}),
+    ("--max-sequences-per-request", {"type": int}),
+    ("--max-buffered-tokens", {"type": int}),
     ("--max-request-bytes", {"type": int}),
     ("--drain-timeout", {"type": float}),
-    ("--readiness-cache-seconds", {"type": float}),
+    ("--readiness-window-seconds", {"type": float}),
+    ("--liveness-stall-seconds", {"type": float}),
+    ("--timeout-keep-alive", {"type": int}),
     ("--cors-origins", {}),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
     ("--log-format", {"choices": ["text", "json"]}),
@@ -136,6 +168,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     # Short aliases users of vLLM know.
     parser.add_argument("-tp", dest="tensor_parallel_size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--api-key", dest="api_keys", default=None, help="Same as --api-keys.")
+    parser.add_argument(  # the earlier name, when the budget counted requests
+        "--max-concurrent-requests",
+        dest="max_inflight_sequences",
+        type=int,
+        default=None,
+        help=argparse.SUPPRESS,
+    )
 
 
 def settings_from_args(ns: argparse.Namespace, engine_args: list[str]) -> Settings:

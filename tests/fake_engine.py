@@ -1,28 +1,50 @@
-"""FakeEngine: a stand-in engine for HTTP unit tests ONLY (auth, limits, error shapes, SSE framing, drain).
+"""FakeEngine: a stand-in engine for HTTP unit tests ONLY (auth, limits, error shapes, SSE framing, admission).
 
 It implements server.gateway.engine.Engine without vLLM: each choice "generates" the words of a fixed text,
-one word per step, with a configurable delay. Behaviour tests use the real engine (test_gateway_engine.py).
+one word per step, with a configurable delay. abort() ends a running generation the way vLLM does (the
+generation stops with RequestAborted). Behaviour with the real engine is tested in test_gateway_engine.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
-from server.gateway.engine import ChoiceDelta, EngineDead, EngineStep, SamplingOptions, TokenLogprob
+from server.gateway.engine import (
+    ChoiceDelta,
+    EngineDead,
+    EngineFailed,
+    EngineProgress,
+    EngineStep,
+    RequestAborted,
+    SamplingOptions,
+    TokenLogprob,
+)
 
 WORDS = ["Hello", " from", " the", " fake", " engine", "."]
 
 
 class FakeEngine:
-    def __init__(self, max_model_len: int = 256, delay: float = 0.0, fail_after: int | None = None) -> None:
+    def __init__(
+        self,
+        max_model_len: int = 256,
+        delay: float = 0.0,
+        fail_after: int | None = None,
+        error_finish: bool = False,
+        words: list[str] | None = None,
+    ) -> None:
         self.max_model_len = max_model_len
         self.delay = delay
         self.fail_after = fail_after
+        self.error_finish = error_finish  # end every request as vLLM's finish_reason "error" does
+        self.words = words or WORDS
         self.dead = False
         self.started = False
+        self.progress = EngineProgress()
         self.aborted: list[str] = []
         self.running: set[str] = set()
+        self.generated: list[str] = []  # request ids, in order
 
     async def start(self) -> None:
         self.started = True
@@ -48,35 +70,46 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine marked dead")
         self.running.add(request_id)
+        self.generated.append(request_id)
+        words = self.words
         try:
-            steps = min(options.max_tokens, len(WORDS))
-            finish = "stop" if options.max_tokens >= len(WORDS) else "length"
+            steps = min(options.max_tokens, len(words))
+            finish = "stop" if options.max_tokens >= len(words) else "length"
             texts = [""] * options.n
             for k in range(steps):
                 if self.delay:
                     await asyncio.sleep(self.delay)
+                if request_id not in self.running:
+                    raise RequestAborted(request_id)
                 if self.fail_after is not None and k >= self.fail_after:
                     raise RuntimeError("fake engine failure")
+                self.progress.last_step = time.monotonic()
                 last = k == steps - 1
+                if last and self.error_finish:
+                    raise EngineFailed(f"request {request_id}: choice 0 finished with an error")
                 choices = []
                 for i in range(options.n):
                     lp = None
                     if options.logprobs is not None:
-                        lp = [TokenLogprob(WORDS[k], -0.5, [(WORDS[k], -0.5)][: options.logprobs])]
-                    choices.append(ChoiceDelta(i, WORDS[k], 1, lp, finish if last else None))
-                    texts[i] += WORDS[k]
+                        lp = [TokenLogprob(words[k], -0.5, [(words[k], -0.5)][: options.logprobs])]
+                    choices.append(ChoiceDelta(i, words[k], 1, lp, finish if last else None))
+                    texts[i] += words[k]
                 if options.stream or last:
                     if not options.stream:  # final-only: the whole text at once
                         choices = [
-                            ChoiceDelta(i, texts[i], steps, _all_lp(options, steps), finish)
+                            ChoiceDelta(i, texts[i], steps, _all_lp(options, words, steps), finish)
                             for i in range(options.n)
                         ]
-                    yield EngineStep(len(prompt_token_ids), choices, last)
+                    if last:
+                        self.progress.last_success = time.monotonic()
+                    yield EngineStep(
+                        len(prompt_token_ids), choices, last, None, time.time() if k == 0 else None
+                    )
         finally:
             self.running.discard(request_id)
 
 
-def _all_lp(options: SamplingOptions, steps: int) -> list[TokenLogprob] | None:
+def _all_lp(options: SamplingOptions, words: list[str], steps: int) -> list[TokenLogprob] | None:
     if options.logprobs is None:
         return None
-    return [TokenLogprob(WORDS[k], -0.5, [(WORDS[k], -0.5)][: options.logprobs]) for k in range(steps)]
+    return [TokenLogprob(words[k], -0.5, [(words[k], -0.5)][: options.logprobs]) for k in range(steps)]

@@ -1,7 +1,8 @@
 """The gateway end to end: `python -m server serve` on the tiny checkpoint (the real vLLM engine, its engine core in
 its own process) driven by the official openai SDK, LangChain, curl and raw HTTP.
 
-One server per module (startup dominates the cost); the drain/overload tests start a second, small one.
+One server per module (startup dominates the cost); the saturation and drain tests start a second, small one.
+Every body and SSE chunk of the main cases is checked against OpenAI's published OpenAPI schemas.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import BaseModel
+
+from tests import openai_schema
 
 pytestmark = pytest.mark.engine
 
@@ -152,14 +155,23 @@ def strict_chunk(data: dict):
     return obj
 
 
+def spec_check(check, body) -> None:
+    """Validate against OpenAI's published schema when ../shared holds it."""
+    if openai_schema.SPEC_PATH.exists():
+        check(body)
+
+
 def chat_raw(oai, **kwargs):
     raw = oai.chat.completions.with_raw_response.create(model=MODEL, **kwargs)
-    return strict_completion(raw.http_response.json())
+    body = raw.http_response.json()
+    spec_check(openai_schema.chat_completion, body)
+    return strict_completion(body)
 
 
 def stream_chunks(oai, **kwargs) -> list:
     chunks = []
     for chunk in oai.chat.completions.create(model=MODEL, stream=True, **kwargs):
+        spec_check(openai_schema.chat_chunk, chunk.to_dict())
         chunks.append(strict_chunk(chunk.to_dict()))
     return chunks
 
@@ -293,13 +305,32 @@ def test_sdk_json_object(oai):
 
 
 def test_sdk_models(oai, server):
+    import openai
+
     models = oai.models.list()
     assert [m.id for m in models.data] == [MODEL]
-    raw = httpx.get(f"{server.url}/v1/models").json()["data"][0]
-    assert raw["max_model_len"] == 512 and raw["owned_by"] and raw["created"] > 0
+    raw = httpx.get(f"{server.url}/v1/models").json()
+    spec_check(openai_schema.model_list, raw)
+    assert (
+        raw["data"][0]["max_model_len"] == 512
+        and raw["data"][0]["owned_by"]
+        and raw["data"][0]["created"] > 0
+    )
+    one = oai.models.retrieve(MODEL)
+    assert one.id == MODEL and one.owned_by == "dsv2-serve"
+    spec_check(openai_schema.model, httpx.get(f"{server.url}/v1/models/{MODEL}").json())
+    with pytest.raises(openai.NotFoundError) as exc:
+        oai.models.retrieve("gpt-4o")
+    assert exc.value.body["code"] == "model_not_found"
 
 
-def test_sdk_completions(oai, tokenizer):
+def test_sdk_completions(oai, tokenizer, server):
+    raw = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": MODEL, "prompt": ["Once", "upon"], "max_tokens": 4, "n": 2, "logprobs": 2, "seed": 3},
+        timeout=60,
+    )
+    spec_check(openai_schema.completion, raw.json())
     c = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0)
     assert c.object == "text_completion" and c.choices[0].finish_reason in ("stop", "length")
     assert c.usage.prompt_tokens == len(
@@ -312,12 +343,12 @@ def test_sdk_completions(oai, tokenizer):
     lp = echo.choices[0].logprobs
     assert lp.token_logprobs[0] is None
     assert len(lp.tokens) == c.usage.prompt_tokens + c.usage.completion_tokens
-    streamed = "".join(
-        ch.choices[0].text
-        for ch in oai.completions.create(
-            model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0, stream=True
-        )
-    )
+    streamed = ""
+    for ch in oai.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0, stream=True
+    ):
+        spec_check(openai_schema.completion_chunk, ch.to_dict())
+        streamed += ch.choices[0].text
     assert streamed == c.choices[0].text
     batch = oai.completions.create(model=MODEL, prompt=["Once", "upon"], max_tokens=3, n=2, seed=1)
     assert sorted(ch.index for ch in batch.choices) == [0, 1, 2, 3]
@@ -468,6 +499,23 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "n": 2, "temperature": 0}, 400),
     ("/v1/completions", {"model": MODEL}, 400),
     ("/v1/nope", {}, 404),
+    ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "temperature": False}, 400),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        400,
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "stream_options": {"include_usage": True}},
+        400,
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 2000, "max_tokens": 1}, 400),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "n": 128, "logprobs": True, "top_logprobs": 20},
+        400,
+    ),
 ]
 
 
@@ -475,6 +523,8 @@ BAD = [
 def test_bad_input_then_still_serving(server, path, body, status):
     r = httpx.post(server.url + path, json=body, timeout=60)
     assert r.status_code == status, r.text
+    assert r.headers["x-request-id"]
+    spec_check(openai_schema.error, r.json())
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     ok = httpx.post(
@@ -497,16 +547,72 @@ def test_context_length_message_names_numbers(server):
 
 
 def test_disconnect_aborts_engine_request(server):
+    """The gateway itself aborts (its abort counter moves), and its in-flight count and vLLM's running requests
+    both return to 0, for a stream and for a buffered request."""
+    aborted = metric(server, "dsv2_aborted_requests_total")
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
         assert metric(server, "vllm:num_requests_running") >= 1
-    deadline = time.monotonic() + 5
-    while metric(server, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        assert metric(server, "dsv2_generation_requests_in_flight") == 1
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
+    assert metric(server, "dsv2_generation_requests_in_flight") == 0
+    assert metric(server, "dsv2_aborted_requests_total") == aborted + 1
+
+    # non-streamed: the client gives up (read timeout) while the engine still works
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=1.5)
+    wait_for(lambda: metric(server, "dsv2_aborted_requests_total") == aborted + 2)
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
+    assert metric(server, "dsv2_generation_requests_in_flight") == 0
+    assert metric(server, "dsv2_sequences_in_flight") == 0
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
         time.sleep(0.1)
-    assert metric(server, "vllm:num_requests_running") == 0
+
+
+def test_metric_values_move(server, oai):
+    route = {"route": "/v1/chat/completions"}
+
+    def value(name: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in route.items())
+        return metric_exact(server, f"{name}{{{want}}}")
+
+    ttft, e2e, tokens = (
+        value("dsv2_time_to_first_token_seconds_count"),
+        value("dsv2_e2e_request_latency_seconds_count"),
+        value("dsv2_generation_tokens_total"),
+    )
+    ok = metric_exact(
+        server, 'dsv2_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}'
+    )
+    c = chat_raw(oai, messages=HELLO, max_tokens=5, temperature=0)  # non-streamed: TTFT from vLLM's stats
+    assert value("dsv2_time_to_first_token_seconds_count") == ttft + 1
+    stream_chunks(oai, messages=HELLO, max_tokens=5, temperature=0)
+    assert value("dsv2_time_to_first_token_seconds_count") == ttft + 2
+    assert value("dsv2_e2e_request_latency_seconds_count") == e2e + 2
+    assert value("dsv2_generation_tokens_total") == tokens + 2 * c.usage.completion_tokens
+    assert (
+        metric_exact(
+            server, 'dsv2_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}'
+        )
+        == ok + 2
+    )
+
+
+def metric_exact(server: Server, series: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == series:
+            return float(value)
+    return 0.0
 
 
 def test_metrics_and_probes(server):
@@ -584,13 +690,21 @@ def test_schemathesis_no_5xx_no_schema_violations(server):
     assert httpx.get(f"{server.url}/ready").status_code == 200
 
 
-# --- overload and SIGTERM drain (a second, small server) ---------------------------------------------------------
+# --- saturation and SIGTERM drain (a second, small server) -------------------------------------------------------
 
 
-@pytest.fixture
-def small_server(tiny_lite_dir: Path, tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module")
+def small_server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The engine batches 2 sequences; the gateway admits 8; SIGTERM drains for up to 1 s."""
     srv = start_server(
-        tiny_lite_dir, tmp_path / "small.log", "--max-concurrent-requests", "2", "--drain-timeout", "60"
+        tiny_lite_dir,
+        tmp_path_factory.mktemp("small") / "small.log",
+        "--max-num-seqs",
+        "2",
+        "--max-inflight-sequences",
+        "8",
+        "--drain-timeout",
+        "1",
     )
     yield srv
     srv.stop()
@@ -599,7 +713,7 @@ def small_server(tiny_lite_dir: Path, tmp_path: Path) -> Iterator[Server]:
 def _stream_text(url: str, max_tokens: int, results: list, started: threading.Event | None = None) -> None:
     body = {"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
             if r.status_code != 200:
                 r.read()
                 results.append((r.status_code, r.headers.get("retry-after"), r.text))
@@ -615,29 +729,69 @@ def _stream_text(url: str, max_tokens: int, results: list, started: threading.Ev
         results.append((None, None, repr(exc)))
 
 
-def test_overload_then_sigterm_drain(small_server):
+def test_saturation_ready_holds_only_200_and_429(small_server):
     url = small_server.url
-    # Overload: 6 concurrent streams against a limit of 2 -> some 429 with Retry-After, never a 5xx.
     results: list = []
-    threads = [threading.Thread(target=_stream_text, args=(url, 200, results)) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    statuses = [r[0] for r in results]
-    assert statuses.count(200) >= 2 and 429 in statuses, statuses
-    assert all(s in (200, 429) for s in statuses), results
-    for status, retry_after, body in results:
-        if status == 429:
-            assert retry_after == "1" and json.loads(body)["error"]["type"] == "rate_limit_error"
+    probes: list[tuple[int, float]] = []
+    done = threading.Event()
 
-    # SIGTERM with two streams in flight: both complete, readiness fails, the process exits 0.
-    results = []
-    started = [threading.Event(), threading.Event()]
-    threads = [threading.Thread(target=_stream_text, args=(url, 300, results, ev)) for ev in started]
+    def probe() -> None:
+        while not done.is_set():
+            start = time.monotonic()
+            try:
+                status = httpx.get(f"{url}/ready", timeout=5).status_code
+            except httpx.HTTPError:
+                status = 0
+            probes.append((status, time.monotonic() - start))
+            time.sleep(0.2)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    threads = [threading.Thread(target=_stream_text, args=(url, 60, results)) for _ in range(32)]
     for t in threads:
         t.start()
-    for ev in started:
+    time.sleep(1.0)
+    # refused at once, without tokenising 2,000 prompts or waiting for room
+    start = time.monotonic()
+    big = httpx.post(
+        f"{url}/v1/completions", json={"model": MODEL, "prompt": ["hi"] * 2000, "max_tokens": 1}, timeout=30
+    )
+    assert big.status_code == 400 and big.json()["error"]["param"] == "prompt", big.text
+    assert time.monotonic() - start < 1.0
+    for t in threads:
+        t.join(300)
+    done.set()
+    prober.join()
+
+    statuses = [r[0] for r in results]
+    assert len(results) == 32 and set(statuses) <= {200, 429}, results
+    assert statuses.count(200) >= 8 and 429 in statuses, statuses
+    for status, retry_after, body in results:
+        if status == 200:
+            assert body[-1] == "[DONE]" and json.loads(body[-2])["choices"][0]["finish_reason"] == "length"
+        else:
+            assert retry_after == "1" and json.loads(body)["error"]["type"] == "rate_limit_error"
+            spec_check(openai_schema.error, json.loads(body))
+    assert probes and all(status == 200 for status, _ in probes), probes
+    assert max(seconds for _, seconds in probes) < 1.0, probes
+    wait_for(lambda: metric(small_server, "vllm:num_requests_running") == 0)
+    assert metric(small_server, "dsv2_sequences_in_flight") == 0
+
+
+def test_sigterm_drains_then_aborts_what_is_left(small_server):
+    """SIGTERM with a short stream and a long one in flight: readiness fails at once, new work gets 503, the short
+    stream completes, the long one is aborted at the drain timeout with an error event, the process exits 0."""
+    url = small_server.url
+    results: dict[str, list] = {"short": [], "long": []}
+    started = {"short": threading.Event(), "long": threading.Event()}
+    threads = [
+        threading.Thread(target=_stream_text, args=(url, 12, results["short"], started["short"])),
+        # ~480 engine steps: far longer than the 1 s drain on any CPU (a step of the tiny model takes ms)
+        threading.Thread(target=_stream_text, args=(url, 480, results["long"], started["long"])),
+    ]
+    for t in threads:
+        t.start()
+    for ev in started.values():
         assert ev.wait(60)
     small_server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -646,9 +800,11 @@ def test_overload_then_sigterm_drain(small_server):
     assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     for t in threads:
         t.join(120)
-    assert len(results) == 2
-    for status, _, events in results:
-        assert status == 200 and events[-1] == "[DONE]", events[-3:]
-        last = json.loads(events[-2])
-        assert last["choices"][0]["finish_reason"] == "length"
+    ((status, _, events),) = results["short"]
+    assert status == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    ((status, _, events),) = results["long"]
+    assert status == 200 and events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down"
     assert small_server.proc.wait(60) == 0
+    assert "drain timeout: aborting 1 request(s)" in small_server.logs()

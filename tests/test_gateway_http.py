@@ -1,10 +1,10 @@
-"""HTTP unit tests of the gateway over FakeEngine (tests/fake_engine.py): auth, limits, error shapes, SSE
-framing, request ids, drain. No vLLM engine here; behaviour with the real engine is in test_gateway_engine.py.
+"""HTTP unit tests of the gateway over FakeEngine (tests/fake_engine.py): auth, limits, admission by cost,
+readiness and liveness, error shapes against OpenAI's published schemas, SSE framing, request ids, drain.
+No vLLM engine here; behaviour with the real engine is in test_gateway_engine.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 
@@ -13,15 +13,19 @@ from starlette.testclient import TestClient
 
 from server.gateway.app import create_app
 from server.settings import Settings
+from tests import openai_schema
 from tests.fake_engine import FakeEngine
 
 MODEL = "tiny"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
-def make_client(model_dir, engine: FakeEngine | None = None, **settings) -> TestClient:
+def make_client(
+    model_dir, engine: FakeEngine | None = None, max_model_len: int = 256, **settings
+) -> TestClient:
     s = Settings(model=str(model_dir), served_model_name=MODEL, **settings)
-    return TestClient(create_app(s, engine=engine or FakeEngine()), raise_server_exceptions=False)
+    engine = engine or FakeEngine(max_model_len=max_model_len)
+    return TestClient(create_app(s, engine=engine), raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,10 @@ def client(tiny_lite_dir):
 def assert_openai_error(r, status: int, param: str | None = "__any__") -> dict:
     assert r.status_code == status, r.text
     body = r.json()
+    assert r.headers["x-request-id"]
     assert set(body) == {"error"}
+    if openai_schema.SPEC_PATH.exists():
+        openai_schema.error(body)
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     if param != "__any__":
@@ -118,6 +125,19 @@ def test_completions(client):
             "messages[0].content[0].type",
         ),
         ({**CHAT, "min_tokens": 50, "max_tokens": 10}, 400, "min_tokens"),
+        ({**CHAT, "temperature": False}, 400, "temperature"),
+        ({**CHAT, "top_p": "0.5"}, 400, "top_p"),
+        ({**CHAT, "n": True}, 400, "n"),
+        ({**CHAT, "n": 2.5}, 400, "n"),
+        ({**CHAT, "stream": "yes"}, 400, "stream"),
+        ({**CHAT, "logprobs": 1}, 400, "logprobs"),
+        (
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            400,
+            "messages[0].content[0].text",
+        ),
+        ({**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ({**CHAT, "stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ],
 )
 def test_bad_chat_requests(client, body, status, param):
@@ -139,6 +159,18 @@ def test_malformed_json_unknown_route_and_method(client):
     assert_openai_error(r, 400, "suffix")
 
 
+def test_models_list_and_retrieve(client):
+    models = client.get("/v1/models").json()
+    openai_schema.require_spec()
+    openai_schema.model_list(models)
+    one = client.get(f"/v1/models/{MODEL}")
+    assert one.status_code == 200 and one.json() == models["data"][0]
+    openai_schema.model(one.json())
+    err = assert_openai_error(client.get("/v1/models/gpt-4o"), 404, "model")
+    assert err["code"] == "model_not_found"
+    assert_openai_error(client.get("/v1/models/org/name"), 404, "model")
+
+
 def test_models_health_version_metrics(client):
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 256
@@ -150,15 +182,64 @@ def test_models_health_version_metrics(client):
     assert "dsv2_time_to_first_token_seconds_bucket" in text
 
 
-def test_request_id_echoed(client):
-    r = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "abc-123"})
-    assert r.headers["x-request-id"] == "abc-123"
-    assert client.get("/health").headers["x-request-id"]
+def test_request_id_sanitised_and_becomes_the_engine_id(tiny_lite_dir):
+    engine = FakeEngine()
+    with make_client(tiny_lite_dir, engine=engine) as c:
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        assert r.json()["id"] == "chatcmpl-abc-123" and engine.generated[-1] == "chatcmpl-abc-123"
+        nasty = 'id with spaces\t<script>"quotes"' + "x" * 200
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": nasty})
+        rid = r.headers["x-request-id"]
+        assert rid == ("idwithspacesscriptquotes" + "x" * 200)[:64]
+        assert engine.generated[-1] == f"chatcmpl-{rid}"
+        r = c.get("/health", headers={"X-Request-Id": "<>"})  # nothing usable left: a fresh id
+        assert len(r.headers["x-request-id"]) == 32
+
+
+def test_same_client_request_id_twice_in_flight(tiny_lite_dir):
+    engine = FakeEngine(delay=0.1)
+    with make_client(tiny_lite_dir, engine=engine) as c:
+        statuses = []
+
+        def go():
+            statuses.append(
+                c.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "dup"}).status_code
+            )
+
+        threads = [threading.Thread(target=go) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses == [200, 200]
+        assert len(set(engine.generated)) == 2 and "chatcmpl-dup" in engine.generated
+
+
+def test_unhandled_error_is_a_500_with_request_id_and_no_internals(tiny_lite_dir, monkeypatch):
+    from server.gateway import serving
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(serving, "chat", broken)
+    with make_client(tiny_lite_dir) as c:
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "req-500"})
+        err = assert_openai_error(r, 500)
+        assert r.headers["x-request-id"] == "req-500"
+        assert "secret" not in r.text and err["type"] == "server_error"
+        assert (
+            'dsv2_http_requests_total{method="POST",route="/v1/chat/completions",status="500"} 1.0'
+            in c.get("/metrics").text
+        )
 
 
 def test_auth(tiny_lite_dir):
     with make_client(tiny_lite_dir, api_keys=["k1", "k2"]) as c:
         assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 401)
+        for wrong in ("nope", "k", "k1k1", "K1", "Basic k1"):
+            header = wrong if wrong.startswith("Basic") else f"Bearer {wrong}"
+            assert c.get("/v1/models", headers={"Authorization": header}).status_code == 401, wrong
         assert_openai_error(
             c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"}), 401
         )
@@ -178,25 +259,64 @@ def test_body_limit(tiny_lite_dir):
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-def test_overload_gives_429_with_retry_after(tiny_lite_dir):
+def _wait_running(engine: FakeEngine, count: int = 1) -> None:
+    for _ in range(250):
+        if len(engine.running) >= count:
+            return
+        threading.Event().wait(0.02)
+    raise AssertionError(f"{count} request(s) never reached the engine")
+
+
+def test_budget_counts_sequences_429_with_retry_after(tiny_lite_dir):
     engine = FakeEngine(delay=0.2)
-    with make_client(tiny_lite_dir, engine=engine, max_concurrent_requests=1) as c:
+    with make_client(tiny_lite_dir, engine=engine, max_inflight_sequences=4) as c:
         results = {}
 
         def slow():
-            results["slow"] = c.post("/v1/chat/completions", json=CHAT).status_code
+            results["slow"] = c.post("/v1/chat/completions", json={**CHAT, "n": 3}).status_code
 
         t = threading.Thread(target=slow)
         t.start()
-        for _ in range(100):
-            if engine.running:
-                break
-            threading.Event().wait(0.02)
-        r = c.post("/v1/chat/completions", json=CHAT)
+        _wait_running(engine)
+        assert "dsv2_sequences_in_flight 3.0" in c.get("/metrics").text
+        r = c.post("/v1/chat/completions", json={**CHAT, "n": 2})  # 3 + 2 > 4
         err = assert_openai_error(r, 429)
         assert err["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+        assert "3 of 4" in err["message"]
+        # a 2-prompt completion costs 2 sequences as well
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 2})
+        assert_openai_error(r, 429)
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # 3 + 1 fits
         t.join()
         assert results["slow"] == 200
+        assert "dsv2_sequences_in_flight 0.0" in c.get("/metrics").text
+
+
+def test_per_request_sequence_cap(tiny_lite_dir):
+    with make_client(tiny_lite_dir, max_sequences_per_request=8, max_inflight_sequences=64) as c:
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": ["x"] * 2000, "max_tokens": 1})
+        err = assert_openai_error(r, 400, "prompt")
+        assert err["code"] == "too_many_sequences" and "2000" in err["message"]
+        assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "n": 9}), 400, "n")
+        assert c.post("/v1/chat/completions", json={**CHAT, "n": 8, "max_tokens": 2}).status_code == 200
+    # the budget caps the per-request limit: a request that could never be admitted is a 400, not a 429
+    with make_client(tiny_lite_dir, max_sequences_per_request=64, max_inflight_sequences=4) as c:
+        assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "n": 5}), 400, "n")
+
+
+def test_buffered_result_memory_bound(tiny_lite_dir):
+    with make_client(tiny_lite_dir, max_model_len=4096, max_buffered_tokens=100_000) as c:
+        big = {**CHAT, "n": 64, "logprobs": True, "top_logprobs": 20}
+        err = assert_openai_error(c.post("/v1/chat/completions", json=big), 400, "max_tokens")
+        assert "top_logprobs" in err["message"] and "100000" in err["message"]
+        # the same request streamed holds nothing: accepted
+        assert (
+            c.post("/v1/chat/completions", json={**big, "stream": True, "max_tokens": 2}).status_code == 200
+        )
+        # 4 x 100 x 21 = 8400 entries fit
+        assert c.post("/v1/chat/completions", json={**big, "n": 4, "max_tokens": 100}).status_code == 200
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": ["a"] * 4, "n": 8, "max_tokens": 4000})
+        assert_openai_error(r, 400, "max_tokens")
 
 
 def test_engine_dead_gives_503(tiny_lite_dir):
@@ -206,6 +326,23 @@ def test_engine_dead_gives_503(tiny_lite_dir):
         assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 503)
         assert c.get("/health").status_code == 503
         assert c.get("/ready").status_code == 503
+
+
+def test_engine_finish_reason_error(tiny_lite_dir):
+    with make_client(tiny_lite_dir, engine=FakeEngine(error_finish=True)) as c:
+        r = c.post("/v1/chat/completions", json=CHAT)
+        err = assert_openai_error(r, 500)
+        assert err["code"] == "engine_error" and err["type"] == "server_error"
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 10})
+        assert_openai_error(r, 500)
+        events = sse_events(c.post("/v1/chat/completions", json={**CHAT, "stream": True}).text)
+        assert events[-1]["error"]["code"] == "engine_error"
+        assert all("choices" in e for e in events[:-1])
+        text = c.get("/metrics").text
+        assert 'dsv2_request_failures_total{reason="engine_error",route="/v1/chat/completions"} 2.0' in text
+        assert 'dsv2_request_failures_total{reason="engine_error",route="/v1/completions"} 1.0' in text
+        assert 'dsv2_aborted_requests_total{reason="error"} 3.0' in text
+        assert 'reason="client_disconnected"' not in text
 
 
 def test_engine_error_mid_stream_is_an_error_event(tiny_lite_dir):
@@ -218,21 +355,38 @@ def test_engine_error_mid_stream_is_an_error_event(tiny_lite_dir):
 
 def test_draining_refuses_new_requests(tiny_lite_dir):
     with make_client(tiny_lite_dir) as c:
-        c.app.state.gateway.begin_drain()
-        assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 503)
+        c.app.state.admission.begin_drain()
+        err = assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 503)
+        assert err["code"] == "shutting_down"
         assert c.get("/ready").status_code == 503
         assert c.get("/health").status_code == 200
+        assert c.get("/v1/models").status_code == 200
 
 
-async def test_drain_waits_then_aborts(tiny_lite_dir):
-    from server.gateway.metrics import GatewayMetrics
-    from server.gateway.serving import Flight, Gateway
+def test_drain_timeout_aborts_streams_with_an_error_event(tiny_lite_dir):
+    engine = FakeEngine(delay=0.3, words=["w"] * 40)
+    with make_client(tiny_lite_dir, engine=engine, max_model_len=4096) as c:
+        out = {}
 
-    gw = Gateway(Settings(model=str(tiny_lite_dir)), GatewayMetrics())
-    gw.engine = FakeEngine()
-    gw.flights["x"] = Flight("x")
-    await asyncio.wait_for(gw.drain(0.2), 10)
-    assert gw.engine.aborted == ["x"] and gw.draining
+        def stream():
+            out["r"] = c.post("/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 40})
+
+        t = threading.Thread(target=stream)
+        t.start()
+        _wait_running(engine)
+        while not engine.progress.last_step:  # streaming has begun: the headers are sent
+            threading.Event().wait(0.02)
+        c.portal.call(c.app.state.admission.drain, 0.2)
+        t.join(30)
+        assert out["r"].status_code == 200, out["r"].text
+        events = sse_events(out["r"].text)
+        assert events[-1]["error"]["code"] == "shutting_down"
+        assert len(engine.aborted) == 1 and not engine.running
+        assert 'dsv2_aborted_requests_total{reason="drain_timeout"} 1.0' in c.get("/metrics").text
+        assert (
+            'dsv2_request_failures_total{reason="aborted",route="/v1/chat/completions"} 1.0'
+            in c.get("/metrics").text
+        )
 
 
 def test_cors(tiny_lite_dir):
@@ -243,3 +397,113 @@ def test_cors(tiny_lite_dir):
         )
         assert r.status_code == 200
         assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+# --- metrics move, readiness and liveness ----------------------------------------------------------------------
+
+
+def metric(c: TestClient, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in c.get("/metrics").text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{want}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def test_metric_values_move(tiny_lite_dir):
+    with make_client(tiny_lite_dir) as c:
+        route = "/v1/chat/completions"
+        before = metric(c, "dsv2_http_requests_total", method="POST", route=route, status="200")
+        ttft = metric(c, "dsv2_time_to_first_token_seconds_count", route=route)
+        tokens = metric(c, "dsv2_generation_tokens_total", route=route)
+        assert c.post(route, json=CHAT).status_code == 200  # non-streamed: TTFT from the engine's timestamp
+        assert metric(c, "dsv2_time_to_first_token_seconds_count", route=route) == ttft + 1
+        assert c.post(route, json={**CHAT, "stream": True}).status_code == 200
+        assert metric(c, "dsv2_http_requests_total", method="POST", route=route, status="200") == before + 2
+        assert metric(c, "dsv2_time_to_first_token_seconds_count", route=route) == ttft + 2
+        assert metric(c, "dsv2_generation_tokens_total", route=route) == tokens + 12
+        assert metric(c, "dsv2_inter_token_latency_seconds_count", route=route) >= 5
+        assert metric(c, "dsv2_e2e_request_latency_seconds_count", route=route) == 2
+        c.post(route, json={**CHAT, "n": 1000})
+        assert metric(c, "dsv2_http_requests_total", method="POST", route=route, status="400") == 1
+
+
+def test_ready_needs_no_engine_queue_while_busy(tiny_lite_dir):
+    """A busy engine that makes steps is ready; /ready answers at once without generating."""
+    import time
+
+    engine = FakeEngine(delay=0.05, words=["w"] * 60)
+    with make_client(tiny_lite_dir, engine=engine, max_model_len=4096, readiness_window_seconds=1.0) as c:
+        assert c.get("/ready").status_code == 200  # idle: a probe generation proves it
+        probes = len(engine.generated)
+        out = []
+        t = threading.Thread(
+            target=lambda: out.append(c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 60}))
+        )
+        t.start()
+        _wait_running(engine)
+        for _ in range(10):
+            start = time.monotonic()
+            assert c.get("/ready").status_code == 200
+            assert time.monotonic() - start < 1.0
+            threading.Event().wait(0.2)
+        assert len(engine.generated) == probes + 1  # no probe while busy
+        t.join()
+        assert out[0].status_code == 200
+
+
+def test_ready_fails_without_leaking_the_probe_error(tiny_lite_dir):
+    engine = FakeEngine(fail_after=0)
+    with make_client(tiny_lite_dir, engine=engine) as c:
+        r = c.get("/ready")
+        err = assert_openai_error(r, 503)
+        assert err["message"] == "not ready: probe failed" and "fake engine failure" not in r.text
+
+
+def test_liveness_fails_for_a_stalled_engine(tiny_lite_dir):
+    engine = FakeEngine(delay=1.5)
+    with make_client(
+        tiny_lite_dir, engine=engine, liveness_stall_seconds=0.5, readiness_window_seconds=0.2
+    ) as c:
+        assert c.get("/health").status_code == 200
+        t = threading.Thread(target=lambda: c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1}))
+        t.start()
+        _wait_running(engine)
+        threading.Event().wait(0.8)  # in flight, no engine step for 0.8 s > 0.5 s
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["message"] == "not live: engine stalled"
+        assert c.get("/ready").status_code == 503
+        t.join()
+        assert c.get("/health").status_code == 200  # it stepped, and nothing waits any more
+
+
+# --- shapes against OpenAI's published schemas -----------------------------------------------------------------
+
+
+def test_shapes_match_openai_schemas(client):
+    openai_schema.require_spec()
+    openai_schema.chat_completion(
+        client.post("/v1/chat/completions", json={**CHAT, "n": 2, "logprobs": True, "top_logprobs": 1}).json()
+    )
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            **CHAT,
+            "stream": True,
+            "n": 2,
+            "logprobs": True,
+            "top_logprobs": 1,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    for chunk in sse_events(r.text):
+        openai_schema.chat_chunk(chunk)
+    openai_schema.completion(
+        client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "logprobs": 1}).json()
+    )
+    chunks = sse_events(
+        client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "stream": True}).text
+    )
+    for chunk in chunks:
+        openai_schema.completion_chunk(chunk)

@@ -16,13 +16,17 @@ def parse(argv: list[str]) -> Settings:
 def test_flags_env_and_defaults(monkeypatch, tiny_lite_dir):
     monkeypatch.setenv("DSV2_PORT", "9001")
     monkeypatch.setenv("DSV2_API_KEYS", "a, b")
-    monkeypatch.setenv("DSV2_MAX_CONCURRENT_REQUESTS", "7")
+    monkeypatch.setenv("DSV2_MAX_INFLIGHT_SEQUENCES", "7")
     s = parse(["--model", str(tiny_lite_dir), "--port", "9002", "--cors-origins", "https://x,https://y"])
     assert s.port == 9002  # flag beats environment
-    assert s.api_keys == ["a", "b"] and s.max_concurrent_requests == 7
+    assert s.api_keys == ["a", "b"] and s.max_inflight_sequences == 7
     assert s.cors_origins == ["https://x", "https://y"]
     assert s.model_name == tiny_lite_dir.name
-    assert s.drain_timeout == 30 and s.log_format == "text"
+    assert s.drain_timeout == 30 and s.log_format == "text" and s.timeout_keep_alive == 75
+    # the earlier flag name still sets the budget
+    assert (
+        parse(["--model", str(tiny_lite_dir), "--max-concurrent-requests", "3"]).max_inflight_sequences == 3
+    )
 
 
 def test_unknown_flags_are_engine_args(tiny_lite_dir):

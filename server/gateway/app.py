@@ -1,5 +1,5 @@
-"""create_app(settings): the FastAPI app and its lifespan (build the engine once, stop it at exit);
-run(settings): serve it with uvicorn and drain gracefully on SIGTERM.
+"""create_app(settings): the FastAPI app and its lifespan (build the engine and the services over it once,
+drain and stop them at exit); run(settings): serve it with uvicorn and drain gracefully on SIGTERM.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,13 +15,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from server import __version__
+from server.gateway.admission import Admission
 from server.gateway.engine import Engine, VLLMEngine
 from server.gateway.errors import install_handlers
+from server.gateway.health import Health
 from server.gateway.logs import configure_logging
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.middleware import GatewayMiddleware
 from server.gateway.routes import router
-from server.gateway.serving import Gateway
+from server.gateway.serving import Services
 from server.gateway.template import ChatTemplate
 from server.settings import Settings
 
@@ -30,20 +33,33 @@ log = logging.getLogger("dsv2.app")
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine)."""
     metrics = GatewayMetrics()
-    gateway = Gateway(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway.template = ChatTemplate(settings.tokenizer or settings.model, settings.trust_remote_code)
-        gateway.engine = engine if engine is not None else VLLMEngine(settings)
-        await gateway.engine.start()
-        log.info("serving %s on http://%s:%d", gateway.model_name, settings.host, settings.port)
+        template = ChatTemplate(settings.tokenizer or settings.model, settings.trust_remote_code)
+        eng = engine if engine is not None else VLLMEngine(settings)
+        admission = Admission(eng, metrics, settings.max_inflight_sequences)
+        health = Health(
+            eng,
+            admission,
+            probe_prompt=[template.bos_id if template.bos_id is not None else 0],
+            window=settings.readiness_window_seconds,
+            stall=settings.liveness_stall_seconds,
+        )
+        app.state.admission = admission
+        app.state.health = health
+        await eng.start()
+        app.state.services = Services(
+            settings, eng, template, admission, metrics, settings.model_name, int(time.time())
+        )
+        health.started = True
+        log.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
         try:
             yield
         finally:
-            if gateway.flights:
-                await gateway.drain(0)
-            await gateway.engine.shutdown()
+            if not admission.idle:
+                await admission.drain(0)
+            await eng.shutdown()
             log.info("engine stopped")
 
     app = FastAPI(
@@ -53,8 +69,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         '`{"error": {"message", "type", "param", "code"}}`.',
         lifespan=lifespan,
     )
-    app.state.gateway = gateway
     app.state.settings = settings
+    app.state.metrics = metrics
     install_handlers(app)
     app.include_router(router)
     app.add_middleware(
@@ -62,7 +78,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         api_keys=settings.api_keys,
         max_request_bytes=settings.max_request_bytes,
         metrics=metrics,
-        is_draining=lambda: gateway.draining,
     )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -93,9 +108,9 @@ def run(settings: Settings) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
-        timeout_keep_alive=30,
+        timeout_keep_alive=settings.timeout_keep_alive,
     )
-    server = DrainingServer(config, app.state.gateway, settings.drain_timeout)
+    server = DrainingServer(config, app, settings.drain_timeout)
     server.run()
     return 0 if server.started else 1
 
@@ -104,9 +119,9 @@ class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM/SIGINT drains (readiness fails, new requests get 503, in-flight requests
     finish up to the drain timeout, the rest are aborted) before the normal shutdown; a second signal exits now."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float) -> None:
         super().__init__(config)
-        self.gateway = gateway
+        self.fastapi_app = app
         self.drain_timeout = drain_timeout
         self._signalled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -125,7 +140,6 @@ class DrainingServer(uvicorn.Server):
         if not self.started or self._loop is None:
             return super().handle_exit(sig, frame)
         log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.drain_timeout)
-        self.gateway.begin_drain()
         self._loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
@@ -134,6 +148,6 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         try:
-            await self.gateway.drain(self.drain_timeout)
+            await self.fastapi_app.state.admission.drain(self.drain_timeout)
         finally:
             self.should_exit = True

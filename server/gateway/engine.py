@@ -6,11 +6,12 @@ vLLM and an HTTP unit test can substitute a fake engine (tests/fake_engine.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +30,14 @@ class EngineError(Exception):
 
 class EngineDead(EngineError):
     """The engine process is gone; nothing more can be served."""
+
+
+class EngineFailed(EngineError):
+    """The engine ended a request with finish_reason "error" (vLLM: a retryable request-level failure)."""
+
+
+class RequestAborted(Exception):
+    """The engine aborted the request before it finished (the drain timeout did it)."""
 
 
 class EngineRejected(Exception):
@@ -79,7 +88,9 @@ class ChoiceDelta:
     text: str
     num_tokens: int
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None = (
+        None  # "stop" | "length" | "repetition" once finished ("abort", "error" raise)
+    )
 
 
 @dataclass
@@ -88,12 +99,22 @@ class EngineStep:
     choices: list[ChoiceDelta]
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    first_token_time: float | None = None  # wall clock of the first generated token, once known
+
+
+@dataclass
+class EngineProgress:
+    """When the engine last made a step and last completed a request (time.monotonic(); 0 = never)."""
+
+    last_step: float = 0.0
+    last_success: float = 0.0
 
 
 class Engine(Protocol):
     """What the gateway needs from an engine."""
 
     max_model_len: int
+    progress: EngineProgress
 
     async def start(self) -> None: ...
 
@@ -182,6 +203,7 @@ class VLLMEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.max_model_len = 0
+        self.progress = EngineProgress()
         self._llm = None
         # Parsed now, so that a bad pass-through flag fails before the server starts.
         self.args = build_engine_args(settings)
@@ -199,7 +221,11 @@ class VLLMEngine:
             args.tensor_parallel_size,
         )
         started = time.monotonic()
-        self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self._llm = AsyncLLM.from_engine_args(
+            args,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[_progress_logger_factory(self.progress)],
+        )
         self.max_model_len = self._llm.model_config.max_model_len
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
 
@@ -235,29 +261,41 @@ class VLLMEngine:
         if llm is None or llm.errored:
             raise EngineDead("engine is not running")
         want_logprobs = options.logprobs is not None
+        progress = self.progress
         first = True
         try:
             params = _sampling_params(options)
             async for out in llm.generate(tokens_input(prompt_token_ids), params, request_id):
-                choices = [
-                    ChoiceDelta(
-                        index=c.index,
-                        text=c.text,
-                        num_tokens=len(c.token_ids),
-                        logprobs=_token_logprobs(c.token_ids, c.logprobs, options.logprobs)
-                        if want_logprobs
-                        else None,
-                        finish_reason=c.finish_reason,
+                now = time.monotonic()
+                progress.last_step = now
+                choices = []
+                for c in out.outputs:
+                    if c.finish_reason == "error":
+                        raise EngineFailed(f"request {request_id}: choice {c.index} finished with an error")
+                    if c.finish_reason == "abort":
+                        raise RequestAborted(request_id)
+                    choices.append(
+                        ChoiceDelta(
+                            index=c.index,
+                            text=c.text,
+                            num_tokens=len(c.token_ids),
+                            logprobs=_token_logprobs(c.token_ids, c.logprobs, options.logprobs)
+                            if want_logprobs
+                            else None,
+                            finish_reason=c.finish_reason,
+                        )
                     )
-                    for c in out.outputs
-                ]
                 prompt_logprobs = None
                 if first and options.prompt_logprobs is not None and out.prompt_logprobs is not None:
                     prompt_logprobs = [None] + _token_logprobs(
                         prompt_token_ids[1:], out.prompt_logprobs[1:], options.prompt_logprobs
                     )
                 first = False
-                yield EngineStep(len(prompt_token_ids), choices, out.finished, prompt_logprobs)
+                if out.finished:
+                    progress.last_success = now
+                yield EngineStep(
+                    len(prompt_token_ids), choices, out.finished, prompt_logprobs, _first_token_time(out)
+                )
         except EngineDeadError as exc:
             raise EngineDead(str(exc)) from exc
         except (ValueError, VLLMValidationError) as exc:
@@ -265,6 +303,73 @@ class VLLMEngine:
             if param is None and str(exc).startswith("n must be"):
                 param = "n"
             raise EngineRejected(str(exc), param) from exc
+
+
+def _first_token_time(out: Any) -> float | None:
+    """Wall clock of the request's first token from vLLM's request stats (present unless stats are off)."""
+    stats = getattr(out, "metrics", None)
+    latency = getattr(stats, "first_token_latency", 0.0)
+    arrival = getattr(stats, "arrival_time", 0.0)
+    return arrival + latency if latency and arrival else None
+
+
+def _progress_logger_factory(progress: EngineProgress):
+    """A vLLM stat logger that stamps every engine step: the proof of progress behind /health and /ready.
+
+    vLLM calls record() once per engine-core output batch, prefill-only steps and final-only requests included,
+    which the gateway's own view of token deliveries would miss.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class ProgressLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any = None, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            progress.last_step = time.monotonic()
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return lambda vllm_config, engine_index=0: ProgressLogger(vllm_config, engine_index)
+
+
+async def generate_many(
+    engine: Engine,
+    prompts: Sequence[list[int]],
+    options: Sequence[SamplingOptions],
+    request_ids: Sequence[str],
+) -> AsyncIterator[tuple[int, EngineStep]]:
+    """Several prompts' generations interleaved as (prompt index, step); the first failure ends them all."""
+    if len(prompts) == 1:
+        async for step in engine.generate(prompts[0], options[0], request_ids[0]):
+            yield 0, step
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int) -> None:
+        try:
+            async for step in engine.generate(prompts[i], options[i], request_ids[i]):
+                queue.put_nowait((i, step))
+            queue.put_nowait((i, end))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(prompts))]
+    remaining = len(prompts)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def _sampling_params(o: SamplingOptions):

@@ -1,4 +1,8 @@
-"""Exceptions -> OpenAI error JSON: {"error": {"message", "type", "param", "code"}} for every status."""
+"""Exceptions -> OpenAI error JSON: {"error": {"message", "type", "param", "code"}} for every status.
+
+Engine exceptions raised anywhere in serving become their HTTP status here, so no serving function needs a
+try/except of its own. Unexpected exceptions are answered by the middleware (with the request id).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+
+from server.gateway.engine import EngineDead, EngineFailed, EngineRejected, RequestAborted
 
 log = logging.getLogger("dsv2.errors")
 
@@ -25,6 +31,10 @@ _TYPES = {
     503: "server_error",
 }
 _CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
 
 
 class APIError(Exception):
@@ -55,18 +65,25 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
 def _loc_to_param(loc: tuple | list) -> str | None:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
-    parts = [p for p in loc if p != "body"]
+    """("body", "messages", 0, "role") -> "messages[0].role", without pydantic's union-member tags."""
     out = ""
-    for p in parts:
+    for p in loc:
+        if p == "body" and not out:
+            continue
         if isinstance(p, int):
             out += f"[{p}]"
-        elif isinstance(p, str) and not p.startswith(
-            ("function-", "tagged-union", "str", "list[", "int", "float")
-        ):
+        elif isinstance(p, str) and not _is_union_tag(p):
             out += ("." if out else "") + p
     return out or None
+
+
+def _is_union_tag(part: str) -> bool:
+    # e.g. "str", "list[int]", "function-after[...]", "tagged-union[...]", or a model's class name
+    return part in _UNION_TAGS or "[" in part or part.startswith("function-") or part[:1].isupper()
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -108,7 +125,37 @@ def install_handlers(app: FastAPI) -> None:
             message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
         return APIError(message, status, headers=dict(exc.headers or {})).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return APIError(f"internal error: {type(exc).__name__}", 500).response()
+    @app.exception_handler(EngineRejected)
+    async def _rejected(_: Request, exc: EngineRejected) -> Response:
+        return APIError(str(exc), param=exc.param).response()
+
+    @app.exception_handler(EngineDead)
+    async def _dead(_: Request, exc: EngineDead) -> Response:
+        log.error("engine dead: %s", exc)
+        return APIError("the engine is not available", 503, code="engine_unavailable").response()
+
+    @app.exception_handler(EngineFailed)
+    async def _failed(_: Request, exc: EngineFailed) -> Response:
+        log.error("engine failed the request: %s", exc)
+        return engine_failure(exc).response()
+
+    @app.exception_handler(RequestAborted)
+    async def _aborted(_: Request, exc: RequestAborted) -> Response:
+        return shutting_down().response()
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; the access log and metrics do
+
+
+def shutting_down() -> APIError:
+    return APIError("the server is shutting down; retry on another replica", 503, code="shutting_down")
+
+
+def engine_failure(exc: Exception) -> APIError:
+    """What a client sees when the engine failed its request: no internals, a retryable 500."""
+    return APIError("the engine failed to complete the request; retry it", 500, code="engine_error")
+
+
+def internal_error() -> APIError:
+    return APIError("internal server error", 500)

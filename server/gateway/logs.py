@@ -1,4 +1,8 @@
-"""Log setup: one handler on stderr, text or one JSON object per line (access-log fields included)."""
+"""Log setup: one handler on stderr, text or one JSON object per line; every record carries the request id.
+
+The request id lives in a context variable set by the middleware for the life of one request, so any log line
+written while serving it (an engine failure, an abort) names it without being handed the id.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,18 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 
-_ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client")
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+_ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client")
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
 
 
 class JSONFormatter(logging.Formatter):
@@ -19,6 +33,8 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if getattr(record, "request_id", None):
+            entry["request_id"] = record.request_id
         for field in _ACCESS_FIELDS:
             if hasattr(record, field):
                 entry[field] = getattr(record, field)
@@ -40,6 +56,7 @@ class TextFormatter(logging.Formatter):
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     for name in ("dsv2", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 ROUTES = frozenset(
     ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/version"]
 )
+MODEL_ROUTE = "/v1/models/{model}"
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -58,7 +59,9 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 
 def route_label(path: str) -> str:
-    return path if path in ROUTES else "other"
+    if path in ROUTES:
+        return path
+    return MODEL_ROUTE if path.startswith("/v1/models/") else "other"
 
 
 class GatewayMetrics:
@@ -73,6 +76,24 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge(
             "dsv2_generation_requests_in_flight", "Generation requests being served.", registry=r
+        )
+        self.sequences_in_flight = Gauge(
+            "dsv2_sequences_in_flight",
+            "Sequences (prompts x n) of the generation requests being served: the admission budget in use.",
+            registry=r,
+        )
+        self.aborted = Counter(
+            "dsv2_aborted_requests",
+            "Engine requests the gateway aborted, by reason (client_disconnected, drain_timeout, error).",
+            ["reason"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "dsv2_request_failures",
+            "Generation requests that failed after admission, by route and reason (engine_error, engine_dead, "
+            "aborted).",
+            ["route", "reason"],
+            registry=r,
         )
         self.rejected = Counter(
             "dsv2_rejected_requests", "Requests refused before generation, by reason.", ["reason"], registry=r
@@ -106,20 +127,21 @@ class GatewayMetrics:
 
 
 class RequestTimer:
-    """TTFT / inter-token / end-to-end timing of one generation request."""
+    """TTFT / inter-token / end-to-end timing and token counts of one generation request."""
 
-    __slots__ = ("metrics", "route", "start", "last", "ttft", "itl")
+    __slots__ = ("metrics", "route", "start", "start_wall", "last", "ttft", "itl")
 
     def __init__(self, metrics: GatewayMetrics, route: str) -> None:
         self.metrics = metrics
         self.route = route
         self.start = time.perf_counter()
+        self.start_wall = time.time()
         self.last: float | None = None
         self.ttft = metrics.ttft.labels(route)
         self.itl = metrics.itl.labels(route)
 
     def tokens(self) -> None:
-        """Called each time new tokens are delivered."""
+        """Called each time new tokens are delivered (streams)."""
         now = time.perf_counter()
         if self.last is None:
             self.ttft.observe(now - self.start)
@@ -127,8 +149,17 @@ class RequestTimer:
             self.itl.observe(now - self.last)
         self.last = now
 
+    def first_token_at(self, wall_time: float | None) -> None:
+        """A buffered request's first token, from the engine's own timestamp (wall clock)."""
+        if self.last is None:
+            self.last = time.perf_counter()
+            self.ttft.observe(max(0.0, (wall_time or time.time()) - self.start_wall))
+
     def done(self, prompt_tokens: int, completion_tokens: int) -> None:
         m = self.metrics
         m.e2e.labels(self.route).observe(time.perf_counter() - self.start)
         m.prompt_tokens.labels(self.route).inc(prompt_tokens)
         m.generation_tokens.labels(self.route).inc(completion_tokens)
+
+    def failed(self, reason: str) -> None:
+        self.metrics.failures.labels(self.route, reason).inc()

@@ -1,40 +1,55 @@
-"""One pure-ASGI middleware for what every request goes through: X-Request-Id, API-key auth on /v1/*,
-the body-size limit, refusal while draining, request counting and the access log.
+"""One pure-ASGI middleware for what every request goes through, and only that: its request id, API-key auth
+on /v1/*, the body-size limit, the access log, and a 500 (with the request id) for anything unexpected.
 
 Pure ASGI (not BaseHTTPMiddleware) so streams pass through untouched and client disconnects reach the handler.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import re
 import time
 import uuid
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.gateway.errors import APIError
+from server.gateway.errors import APIError, internal_error
+from server.gateway.logs import request_id_var
 from server.gateway.metrics import GatewayMetrics, route_label
 
+log = logging.getLogger("dsv2.errors")
 access_log = logging.getLogger("dsv2.access")
+
+MAX_REQUEST_ID = 64
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def sanitize_request_id(raw: bytes | None) -> str | None:
+    """A client's X-Request-Id, safe for logs, headers and engine ids: [A-Za-z0-9._:-], at most 64 characters;
+    None when nothing usable is left (a fresh id is generated then)."""
+    if not raw:
+        return None
+    cleaned = _UNSAFE_ID_CHARS.sub("", raw.decode("latin-1"))[:MAX_REQUEST_ID]
+    return cleaned or None
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 class GatewayMiddleware:
     def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        api_keys: list[str],
-        max_request_bytes: int,
-        metrics: GatewayMetrics,
-        is_draining,
+        self, app: ASGIApp, *, api_keys: list[str], max_request_bytes: int, metrics: GatewayMetrics
     ) -> None:
         self.app = app
-        self.api_keys = [k.encode() for k in api_keys]
+        # Keys are kept and compared as SHA-256 digests: every comparison takes the same time whatever the key,
+        # its length, or how much of it a client guessed.
+        self.key_digests = [_digest(k.encode()) for k in api_keys]
         self.max_request_bytes = max_request_bytes
         self.metrics = metrics
-        self.is_draining = is_draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,60 +57,41 @@ class GatewayMiddleware:
             return
         start = time.perf_counter()
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        request_id = sanitize_request_id(headers.get(b"x-request-id")) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
         path: str = scope["path"]
-        status_box = [500]
-        rid_header = (b"x-request-id", request_id.encode("latin-1"))
+        status_box = [0]
+        rid_header = (b"x-request-id", request_id.encode())
 
-        async def send_wrapper(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), rid_header]}
             await send(message)
 
         try:
-            error = self._refuse(scope, headers, path)
+            error = self._refuse(headers, path, scope["method"])
             if error is not None:
-                await error.response()(scope, _no_receive, send_wrapper)
-                return
-            await self.app(scope, self._limited(receive), send_wrapper)
+                await error.response()(scope, _no_receive, send_with_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], path)
+            if status_box[0] == 0:  # nothing sent yet: an OpenAI-shaped 500 that names the request
+                await internal_error().response()(scope, _no_receive, send_with_id)
         finally:
-            status = status_box[0]
-            self.metrics.requests.labels(route_label(path), scope["method"], str(status)).inc()
-            if access_log.isEnabledFor(logging.INFO):
-                client = scope.get("client")
-                access_log.info(
-                    '%s "%s %s" %d %.1fms',
-                    client[0] if client else "-",
-                    scope["method"],
-                    path,
-                    status,
-                    (time.perf_counter() - start) * 1000,
-                    extra={
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": path,
-                        "status": status,
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 2),
-                        "client": client[0] if client else None,
-                    },
-                )
+            request_id_var.reset(token)
+            self._record(scope, path, status_box[0] or 500, start, request_id)
 
-    def _refuse(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> APIError | None:
-        if not path.startswith("/v1/"):
+    def _refuse(self, headers: dict[bytes, bytes], path: str, method: str) -> APIError | None:
+        if not path.startswith("/v1/") or method == "OPTIONS":  # probes, metrics; CORS preflight has no key
             return None
-        if scope["method"] == "OPTIONS":  # CORS preflight carries no credentials
-            return None
-        if self.api_keys and not self._authorized(headers.get(b"authorization", b"")):
+        if self.key_digests and not self._authorized(headers.get(b"authorization", b"")):
             return APIError(
                 "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
-            )
-        if self.is_draining():
-            return APIError(
-                "the server is shutting down; retry on another replica", 503, code="shutting_down"
             )
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
@@ -107,10 +103,10 @@ class GatewayMiddleware:
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")
-        token = token.strip()
+        offered = _digest(token.strip())
         ok = False
-        for key in self.api_keys:  # every key compared, in constant time each
-            ok |= hmac.compare_digest(token, key)
+        for key in self.key_digests:  # every key compared, each in constant time over equal-length digests
+            ok |= hmac.compare_digest(offered, key)
         return ok and scheme.lower() == b"bearer"
 
     def _limited(self, receive: Receive) -> Receive:
@@ -129,6 +125,28 @@ class GatewayMiddleware:
             return message
 
         return wrapped
+
+    def _record(self, scope: Scope, path: str, status: int, start: float, request_id: str) -> None:
+        self.metrics.requests.labels(route_label(path), scope["method"], str(status)).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            client = scope.get("client")
+            duration_ms = (time.perf_counter() - start) * 1000
+            access_log.info(
+                '%s "%s %s" %d %.1fms',
+                client[0] if client else "-",
+                scope["method"],
+                path,
+                status,
+                duration_ms,
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round(duration_ms, 2),
+                    "client": client[0] if client else None,
+                },
+            )
 
 
 async def _no_receive() -> Message:

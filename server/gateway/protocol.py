@@ -1,15 +1,22 @@
-"""OpenAI request/response/chunk/error models, in the official field order.
+"""OpenAI request models (strict JSON types, OpenAI's field order) and the one place every 400 is decided.
 
-Requests accept what the official clients send (`max_completion_tokens` as well as `max_tokens`, content as a
-string or a list of parts) plus vLLM-style sampling extras; unknown fields are ignored, as OpenAI does.
-Responses are documented here and produced as exactly these shapes (streams by stream.py).
+A request's life in this module: pydantic validates the body (a boolean where a number belongs is a 400, as at
+OpenAI); `chat_plan` / `completion_plan` check what the request alone decides (model, parameters that conflict,
+its cost in sequences) before it is admitted; `sampling_options` decides what needs the prompt's length (the
+context budget, the memory a buffered result may take) once it is tokenised. All are pure functions of the
+request and the server's `Limits`. Response models document the shapes render.py writes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.gateway.engine import SamplingOptions
+from server.gateway.errors import APIError
+from server.gateway.template import normalize_messages
 
 # Extras vLLM accepts on both endpoints, documented here once.
 _TOP_K = "vLLM extra: sample from the k most likely tokens; 0 or -1 = all."
@@ -19,23 +26,24 @@ _IGNORE_EOS = "vLLM extra: keep generating past the end-of-sequence token."
 _MIN_TOKENS = "vLLM extra: generate at least this many tokens before EOS or a stop string may end the output."
 
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# JSON numbers: an integer is a number, a boolean or a string is not (strict mode).
+Number = float
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, protected_namespaces=())
 
 
 # --- chat -------------------------------------------------------------------------------------------------
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(_Strict):
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str = Field(description="Only `text` parts are supported.")
-    text: str | None = None
+    text: str | None = Field(default=None, description="Required for `text` parts.")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Strict):
     role: str = Field(description="system, developer (treated as system), user or assistant.")
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -43,56 +51,332 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
     name: str = Field(default="response", max_length=64)
     description: str | None = None
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
     function_call: Any | None = None
     functions: list[dict[str, Any]] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(
         default=None, ge=1, description="Deprecated by OpenAI; same as max_completion_tokens."
     )
     n: int | None = Field(default=1, ge=1, le=128)
-    presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
     response_format: ResponseFormat | None = None
     seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=1.0, ge=0, le=2)
+    stream_options: StreamOptions | None = Field(default=None, description="Only with `stream: true`.")
+    temperature: Number | None = Field(default=1.0, ge=0, le=2)
     tool_choice: Any | None = None
     tools: list[dict[str, Any]] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    top_p: Number | None = Field(default=1.0, gt=0, le=1)
     user: str | None = None
     # vLLM-style extras
     top_k: int | None = Field(default=None, ge=-1, description=_TOP_K)
-    min_p: float | None = Field(default=None, ge=0, le=1, description=_MIN_P)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description=_REP)
+    min_p: Number | None = Field(default=None, ge=0, le=1, description=_MIN_P)
+    repetition_penalty: Number | None = Field(default=None, gt=0, le=10, description=_REP)
     ignore_eos: bool | None = Field(default=False, description=_IGNORE_EOS)
     min_tokens: int | None = Field(default=None, ge=0, description=_MIN_TOKENS)
+
+
+# --- completions --------------------------------------------------------------------------------------------
+
+
+class CompletionRequest(_Strict):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="One prompt: a string or token ids; a list of several runs each as its own choices."
+    )
+    best_of: int | None = Field(default=None, ge=1, le=128, description="Only best_of == n is supported.")
+    echo: bool | None = False
+    frequency_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tokens: int | None = Field(default=16, ge=1)
+    n: int | None = Field(default=1, ge=1, le=128)
+    presence_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
+    seed: Seed | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = Field(default=None, description="Only with `stream: true`.")
+    suffix: str | None = Field(default=None, description="Not supported (400 if given).")
+    temperature: Number | None = Field(default=1.0, ge=0, le=2)
+    top_p: Number | None = Field(default=1.0, gt=0, le=1)
+    user: str | None = None
+    # vLLM-style extras
+    top_k: int | None = Field(default=None, ge=-1, description=_TOP_K)
+    min_p: Number | None = Field(default=None, ge=0, le=1, description=_MIN_P)
+    repetition_penalty: Number | None = Field(default=None, gt=0, le=10, description=_REP)
+    ignore_eos: bool | None = Field(default=False, description=_IGNORE_EOS)
+    min_tokens: int | None = Field(default=None, ge=0, description=_MIN_TOKENS)
+
+
+# --- request -> plan -> sampling options ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server allows; the pure functions below decide every 400 against it."""
+
+    model_names: tuple[str, ...]  # names a request may use as `model`
+    max_model_len: int
+    vocab_size: int
+    max_sequences: int  # per request: min(--max-sequences-per-request, --max-inflight-sequences)
+    max_buffered_tokens: int
+
+
+@dataclass
+class Plan:
+    """A validated request, before tokenisation: what to encode, what it costs, how to answer."""
+
+    sequences: int  # its cost for admission: prompts x n
+    stream: bool
+    include_usage: bool
+    n: int
+    requested_tokens: int | None  # max_tokens as asked; None = what is left of the context
+    buffered_per_token: int  # token entries a buffered result keeps per generated token (1 + top logprobs)
+    param: str  # "messages" or "prompt": the parameter named by context-length errors
+    options: SamplingOptions  # everything but max_tokens
+    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+    prompts: list[str | list[int]] = field(default_factory=list)  # completions
+    echo: bool = False
+
+
+def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
+    check_model(req.model, limits)
+    if (
+        req.tools
+        or req.functions
+        or req.function_call not in (None, "none")
+        or req.tool_choice not in (None, "none")
+    ):
+        raise APIError(
+            "tools are not supported: this model has no tool-calling format",
+            param="tools" if req.tools else "tool_choice",
+        )
+    _check_stream_options(req)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    n = req.n or 1
+    _check_sequences(n, "n", limits)
+    messages = normalize_messages(req.messages)
+    options = _options(req, n)
+    options.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    options.json_schema, options.json_object = _response_format(req)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return Plan(
+        sequences=n,
+        stream=bool(req.stream),
+        include_usage=_include_usage(req),
+        n=n,
+        requested_tokens=requested,
+        buffered_per_token=1 + (options.logprobs or 0),
+        param="messages",
+        options=options,
+        messages=messages,
+    )
+
+
+def completion_plan(req: CompletionRequest, limits: Limits) -> Plan:
+    check_model(req.model, limits)
+    if req.suffix:
+        raise APIError("suffix is not supported", param="suffix")
+    _check_stream_options(req)
+    n = req.n or 1
+    if req.best_of is not None and req.best_of != n:
+        raise APIError(
+            f"best_of ({req.best_of}) must equal n ({n}); best-of sampling is not supported", param="best_of"
+        )
+    prompts = _prompt_list(req.prompt, limits.vocab_size)
+    _check_sequences(len(prompts) * n, "prompt" if len(prompts) > 1 else "n", limits)
+    options = _options(req, n)
+    echo = bool(req.echo)
+    options.logprobs = req.logprobs
+    options.prompt_logprobs = req.logprobs if (echo and req.logprobs is not None) else None
+    return Plan(
+        sequences=len(prompts) * n,
+        stream=bool(req.stream),
+        include_usage=_include_usage(req),
+        n=n,
+        requested_tokens=req.max_tokens,
+        buffered_per_token=1 + (req.logprobs or 0),
+        param="prompt",
+        options=options,
+        prompts=prompts,
+        echo=echo,
+    )
+
+
+def sampling_options(plan: Plan, prompt_lens: list[int], limits: Limits) -> list[SamplingOptions]:
+    """Per prompt: its max_tokens within the context (400 context_length_exceeded otherwise), and, for a buffered
+    (non-streamed) result, the bound on the memory it may hold (400 naming the parameters otherwise)."""
+    budgets = [
+        _context_budget(n, plan.requested_tokens, plan.param, limits.max_model_len) for n in prompt_lens
+    ]
+    if plan.options.min_tokens > min(budgets):
+        raise APIError(
+            f"min_tokens ({plan.options.min_tokens}) must not exceed max_tokens ({min(budgets)})",
+            param="min_tokens",
+        )
+    if not plan.stream:
+        echoed = sum(prompt_lens) if plan.options.prompt_logprobs is not None else 0
+        entries = plan.n * sum(budgets) * plan.buffered_per_token + echoed * plan.buffered_per_token
+        if entries > limits.max_buffered_tokens:
+            asked = (
+                "max_tokens"
+                if plan.requested_tokens is not None
+                else "max_tokens (default: the rest of the context)"
+            )
+            raise APIError(
+                f"a non-streamed result of n ({plan.n}) x {asked} ({sum(budgets)}) x (1 + top_logprobs) "
+                f"({plan.buffered_per_token}) = {entries} tokens exceeds this server's limit of "
+                f"{limits.max_buffered_tokens}; lower n, max_tokens or top_logprobs, or set stream: true",
+                param="max_tokens",
+            )
+    return [replace(plan.options, max_tokens=b, stop=list(plan.options.stop)) for b in budgets]
+
+
+def check_model(model: str, limits: Limits) -> None:
+    if model not in limits.model_names:
+        raise APIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
+
+
+def _check_stream_options(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+def _check_sequences(sequences: int, param: str, limits: Limits) -> None:
+    if sequences > limits.max_sequences:
+        raise APIError(
+            f"this request asks for {sequences} sequences (prompts x n); this server allows at most "
+            f"{limits.max_sequences} per request",
+            param=param,
+            code="too_many_sequences",
+        )
+
+
+def _context_budget(prompt_len: int, requested: int | None, param: str, limit: int) -> int:
+    """max_tokens for the engine; 400 context_length_exceeded when prompt + completion exceed the context."""
+    what = "messages" if param == "messages" else "prompt"
+    if requested is None:
+        if prompt_len >= limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, your {what} resulted in "
+                f"{prompt_len} tokens. Please reduce the length of the {what}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise APIError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in the completion). "
+            f"Please reduce the length of the {what} or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _options(req: ChatCompletionRequest | CompletionRequest, n: int) -> SamplingOptions:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingOptions(
+        max_tokens=0,  # decided per prompt by sampling_options()
+        n=n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        stop=[s for s in stop if s],
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        logit_bias=_logit_bias(req.logit_bias),
+        ignore_eos=bool(req.ignore_eos),
+        min_tokens=req.min_tokens or 0,
+        stream=bool(req.stream),
+    )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise APIError(f"logit_bias keys must be token ids; got {key!r}", param="logit_bias") from None
+    return out
+
+
+def check_vocab(options: SamplingOptions, vocab_size: int) -> None:
+    for token in options.logit_bias or {}:
+        if not 0 <= token < vocab_size:
+            raise APIError(
+                f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})",
+                param="logit_bias",
+            )
+
+
+def _response_format(req: ChatCompletionRequest) -> tuple[dict | None, bool]:
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None, False
+    if rf.type == "json_object":
+        return None, True
+    if rf.json_schema is None or rf.json_schema.json_schema is None:
+        raise APIError(
+            "response_format.json_schema.schema is required for type json_schema",
+            param="response_format.json_schema",
+        )
+    return rf.json_schema.json_schema, False
+
+
+def _prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt must not be empty", param="prompt")
+    out = [list(prompt)] if all(isinstance(t, int) for t in prompt) else list(prompt)
+    for p in out:
+        if isinstance(p, list):
+            if not p:
+                raise APIError("prompt token lists must not be empty", param="prompt")
+            if any(not 0 <= t < vocab_size for t in p):
+                raise APIError(f"prompt token ids must be in 0..{vocab_size - 1}", param="prompt")
+    return out
+
+
+# --- responses (the shapes render.py writes) ------------------------------------------------------------------
 
 
 class TopLogprob(BaseModel):
@@ -166,36 +450,7 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-# --- completions --------------------------------------------------------------------------------------------
-
-
-class CompletionRequest(_Request):
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="One prompt: a string or token ids; a list of several runs each as its own choices."
-    )
-    best_of: int | None = Field(default=None, ge=1, le=128, description="Only best_of == n is supported.")
-    echo: bool | None = False
-    frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_tokens: int | None = Field(default=16, ge=1)
-    n: int | None = Field(default=1, ge=1, le=128)
-    presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
-    seed: Seed | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    suffix: str | None = Field(default=None, description="Not supported (400 if given).")
-    temperature: float | None = Field(default=1.0, ge=0, le=2)
-    top_p: float | None = Field(default=1.0, gt=0, le=1)
-    user: str | None = None
-    # vLLM-style extras
-    top_k: int | None = Field(default=None, ge=-1, description=_TOP_K)
-    min_p: float | None = Field(default=None, ge=0, le=1, description=_MIN_P)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description=_REP)
-    ignore_eos: bool | None = Field(default=False, description=_IGNORE_EOS)
-    min_tokens: int | None = Field(default=None, ge=0, description=_MIN_TOKENS)
+# --- completion responses ---------------------------------------------------------------------------------
 
 
 class CompletionLogprobs(BaseModel):

@@ -1,4 +1,4 @@
-"""Thin HTTP handlers: validate (pydantic), call one Gateway method, return JSON or a stream."""
+"""Thin HTTP handlers: pydantic validates the body, one serving function answers it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from starlette.responses import JSONResponse, Response
 
 from server import __version__
 from server.gateway import protocol as p
+from server.gateway import serving
 from server.gateway.errors import APIError
-from server.gateway.serving import Gateway
+from server.gateway.health import Health
 
 router = APIRouter()
 
@@ -19,8 +20,9 @@ _ERRORS = {
         400: "Invalid request (the `param` field names the bad value).",
         401: "Missing or wrong API key.",
         404: "Unknown model.",
+        499: "The client closed the connection before the response (never seen by the client).",
         413: "Request body too large.",
-        429: "Too many requests in flight; see Retry-After.",
+        429: "The in-flight sequence budget is full; see Retry-After.",
         500: "Internal error.",
         503: "Engine not ready, dead, or the server is draining.",
     }.items()
@@ -54,47 +56,63 @@ def _stream_response(model: type) -> dict:
     }
 
 
-def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+def services(request: Request) -> serving.Services:
+    return request.app.state.services
+
+
+def request_id(request: Request) -> str:
+    return request.state.request_id
 
 
 @router.post("/v1/chat/completions", responses=_stream_response(p.ChatCompletion), response_model=None)
 async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
-    return await gateway(request).chat(body, request)
+    return await serving.chat(services(request), body, request, request_id(request))
 
 
 @router.post("/v1/completions", responses=_stream_response(p.Completion), response_model=None)
 async def completions(body: p.CompletionRequest, request: Request) -> Response:
-    return await gateway(request).completion(body, request)
+    return await serving.completion(services(request), body, request, request_id(request))
 
 
 @router.get("/v1/models", response_model=p.ModelList, responses={401: _ERRORS[401]})
 async def models(request: Request) -> JSONResponse:
-    return JSONResponse(gateway(request).models())
+    return JSONResponse(serving.models(services(request)))
+
+
+@router.get(
+    "/v1/models/{model_id:path}", response_model=p.ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]}
+)
+async def model(model_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(serving.model(services(request), model_id))
+
+
+def health_of(request: Request) -> Health:
+    return request.app.state.health
 
 
 @router.get(
     "/health",
     response_model=p.Status,
-    responses={503: {"model": p.ErrorResponse, "description": "Engine dead."}},
-    summary="Liveness: the process and its engine are alive.",
+    responses={503: {"model": p.ErrorResponse, "description": "Engine dead or stalled."}},
+    summary="Liveness: the engine is alive and, with requests waiting, makes steps.",
 )
 async def health(request: Request) -> JSONResponse:
-    if await gateway(request).healthy():
+    ok, reason = health_of(request).live()
+    if ok:
         return JSONResponse({"status": "ok"})
-    return APIError("engine dead", 503, code="engine_dead").response()
+    return APIError(f"not live: {reason}", 503, code="not_live").response()
 
 
 @router.get(
     "/ready",
     response_model=p.Status,
     responses={
-        503: {"model": p.ErrorResponse, "description": "Not ready: starting, draining or engine failing."}
+        503: {"model": p.ErrorResponse, "description": "Not ready: starting, draining, engine failing."}
     },
-    summary="Readiness: a one-token generation works (cached a few seconds); fails while draining.",
+    summary="Readiness: started, not draining, engine alive, generation proven recently; answers within 1 s.",
 )
 async def ready(request: Request) -> JSONResponse:
-    ok, reason = await gateway(request).ready()
+    ok, reason = await health_of(request).ready()
     if ok:
         return JSONResponse({"status": "ok"})
     return APIError(f"not ready: {reason}", 503, code="not_ready").response()
@@ -108,7 +126,7 @@ async def ready(request: Request) -> JSONResponse:
     },
 )
 async def metrics(request: Request) -> Response:
-    return Response(gateway(request).metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 @router.get("/version", response_model=p.Version)

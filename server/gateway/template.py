@@ -85,6 +85,11 @@ def normalize_messages(messages: list) -> list[dict[str, str]]:
                         f"messages[{i}].content[{j}].type {part.type!r} is not supported; this model takes text only",
                         param=f"messages[{i}].content[{j}].type",
                     )
+                if part.text is None:
+                    raise APIError(
+                        f"messages[{i}].content[{j}].text is required for a text part",
+                        param=f"messages[{i}].content[{j}].text",
+                    )
                 texts.append(part.text)
             content = "\n".join(texts)
         out.append({"role": "system" if role == "developer" else role, "content": content})

@@ -1,0 +1,166 @@
+"""Admission: one `async with` slot per generation request. The only owner of the in-flight budget (counted in
+sequences, the engine's real unit of work), of the drain state, and of aborting engine requests left behind.
+
+    async with admission.slot(cost=prompts * n, request_id=...) as slot:   # 503 draining, 429 over budget
+        steps = slot.track(engine.generate(..., slot.engine_ids[0]))       # marks each engine request finished
+        ...
+    # on exit: every engine request not finished is aborted (client gone, error), the budget is returned
+
+A stream outlives its handler: serving hands the slot to the response with AsyncExitStack.pop_all(), and the
+response exits it when the stream ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from server.gateway.engine import Engine, EngineStep
+from server.gateway.errors import APIError, ClientGone, shutting_down
+from server.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("dsv2.admission")
+
+
+class Slot:
+    """One admitted request: its id, its cost, and its engine requests still running."""
+
+    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed")
+
+    def __init__(self, request_id: str, cost: int, engine_ids: list[str]) -> None:
+        self.request_id = request_id
+        self.cost = cost
+        self.engine_ids = engine_ids
+        self.pending = set(engine_ids)
+        self.failed = False  # the engine side failed (the stream reports it); what is left is aborted as "error"
+
+    async def track(self, steps: AsyncIterator, engine_id: str | None = None) -> AsyncIterator:
+        """Pass `steps` through, marking engine requests finished: (index, step) pairs from generate_many, or
+        plain steps of `engine_id`."""
+        try:
+            async for item in steps:
+                step: EngineStep = item[1] if isinstance(item, tuple) else item
+                if step.finished:
+                    self.pending.discard(self.engine_ids[item[0]] if isinstance(item, tuple) else engine_id)
+                yield item
+        except Exception:
+            self.failed = True
+            raise
+
+
+class Admission:
+    def __init__(self, engine: Engine, metrics: GatewayMetrics, max_inflight_sequences: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.budget = max_inflight_sequences
+        self.sequences = 0
+        self.slots: dict[str, Slot] = {}
+        self.draining = False
+        self.busy_since: float | None = (
+            None  # monotonic time the first of the current in-flight requests came
+        )
+        self._aborts: set[asyncio.Task] = set()
+
+    @property
+    def idle(self) -> bool:
+        return not self.slots
+
+    @asynccontextmanager
+    async def slot(self, cost: int, request_id: str, engine_requests: int = 1) -> AsyncIterator[Slot]:
+        slot = self._admit(cost, request_id, engine_requests)
+        reason = (
+            "client_disconnected"  # a normal exit with engine requests pending: the stream was not read out
+        )
+        try:
+            yield slot
+        except (ClientGone, asyncio.CancelledError):
+            raise
+        except BaseException:
+            reason = "error"
+            raise
+        finally:
+            self._release(slot, "error" if slot.failed else reason)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, wait for in-flight requests up to `timeout`, then abort the rest."""
+        self.begin_drain()
+        deadline = time.monotonic() + timeout
+        if self.slots:
+            log.info("draining: %d request(s) in flight, up to %.0f s", len(self.slots), timeout)
+        while self.slots and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.slots:
+            log.warning("drain timeout: aborting %d request(s)", len(self.slots))
+            for slot in list(self.slots.values()):
+                await self._abort(slot, "drain_timeout")
+            end = time.monotonic() + 5.0
+            while self.slots and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+        log.info("drained")
+
+    # --- internals -------------------------------------------------------------------------------------------
+
+    def _admit(self, cost: int, request_id: str, engine_requests: int) -> Slot:
+        if self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise shutting_down()
+        if self.engine.is_dead:
+            self.metrics.rejected.labels("engine_unavailable").inc()
+            raise APIError("the engine is not available", 503, code="engine_unavailable")
+        if self.sequences + cost > self.budget:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise APIError(
+                f"the server is at capacity ({self.sequences} of {self.budget} sequences in flight; this request "
+                f"needs {cost}); retry shortly",
+                429,
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        if request_id in self.slots:  # a client reused its X-Request-Id while the first is still running
+            request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        engine_ids = (
+            [request_id] if engine_requests == 1 else [f"{request_id}-{i}" for i in range(engine_requests)]
+        )
+        slot = Slot(request_id, cost, engine_ids)
+        if not self.slots:
+            self.busy_since = time.monotonic()
+        self.slots[request_id] = slot
+        self.sequences += cost
+        self._publish()
+        return slot
+
+    def _release(self, slot: Slot, reason: str) -> None:
+        if self.slots.pop(slot.request_id, None) is None:
+            return
+        self.sequences -= slot.cost
+        if not self.slots:
+            self.busy_since = None
+        self._publish()
+        if slot.pending:
+            # A task of its own: the abort must not be lost with the cancellation of the request that asked for it.
+            task = asyncio.get_running_loop().create_task(self._abort(slot, reason))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, slot: Slot, reason: str) -> None:
+        pending, slot.pending = list(slot.pending), set()
+        if not pending:
+            return
+        self.metrics.aborted.labels(reason).inc()
+        log.info("aborting %s (%s)", slot.request_id, reason, extra={"request_id": slot.request_id})
+        for engine_id in pending:
+            try:
+                await self.engine.abort(engine_id)
+            except Exception:
+                log.exception("abort of %s failed", engine_id, extra={"request_id": slot.request_id})
+
+    def _publish(self) -> None:
+        self.metrics.in_flight.set(len(self.slots))
+        self.metrics.sequences_in_flight.set(self.sequences)

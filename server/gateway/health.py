@@ -1,0 +1,95 @@
+"""Liveness and readiness, from state the gateway already has; neither ever waits in the engine queue.
+
+    live  = engine alive ∧ not stalled (requests in flight and no engine step for --liveness-stall-seconds)
+    ready = started ∧ not draining ∧ live ∧ generation proven within --readiness-window-seconds:
+            a request completed, or (busy) the engine made a step, or (idle only) a one-token probe succeeded
+
+A probe runs only while no request is in flight, in a task of its own; `ready()` waits for it at most
+PROBE_WAIT_S and otherwise answers from the last probe, so /ready answers within a second at any load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from server.gateway.admission import Admission
+from server.gateway.engine import Engine, SamplingOptions
+
+log = logging.getLogger("dsv2.health")
+
+PROBE_WAIT_S = 0.5
+PROBE_TIMEOUT_S = 30.0
+
+
+class Health:
+    def __init__(
+        self, engine: Engine, admission: Admission, probe_prompt: list[int], window: float, stall: float
+    ) -> None:
+        self.engine = engine
+        self.admission = admission
+        self.probe_prompt = probe_prompt
+        self.window = window
+        self.stall = stall
+        self.started = False
+        self._probe: asyncio.Task | None = None
+        self._probe_ok_at = 0.0
+        self._probe_error: str | None = None
+
+    def live(self) -> tuple[bool, str]:
+        if self.engine.is_dead:
+            return False, "engine dead"
+        busy_since = self.admission.busy_since
+        if busy_since is not None:
+            progress_at = max(self.engine.progress.last_step, busy_since)
+            if time.monotonic() - progress_at > self.stall:
+                return False, "engine stalled"
+        return True, "ok"
+
+    async def ready(self) -> tuple[bool, str]:
+        if not self.started:
+            return False, "starting"
+        if self.admission.draining:
+            return False, "draining"
+        ok, reason = self.live()
+        if not ok:
+            return False, reason
+        if self._proven():
+            return True, "ok"
+        if not self.admission.idle:
+            return False, "no engine progress"
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._run_probe())
+        await asyncio.wait({self._probe}, timeout=PROBE_WAIT_S)
+        if self._proven():  # the probe succeeded, or requests came in meanwhile and the engine is stepping
+            return True, "ok"
+        return False, "probe failed" if self._probe_error else "probe pending"
+
+    def _proven(self) -> bool:
+        """Generation proven within the window: a completed request or probe, or (busy) an engine step."""
+        now = time.monotonic()
+        progress = self.engine.progress
+        if now - max(progress.last_success, self._probe_ok_at) < self.window:
+            return True
+        return not self.admission.idle and now - progress.last_step < self.window
+
+    async def _run_probe(self) -> None:
+        """One greedy token for a one-token prompt; the engine is idle, so it runs at once."""
+        probe_id = f"ready-{uuid.uuid4().hex}"
+        options = SamplingOptions(max_tokens=1, temperature=0.0, stream=False)
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                async for _ in self.engine.generate(self.probe_prompt, options, probe_id):
+                    pass
+        except Exception as exc:
+            self._probe_error = f"{type(exc).__name__}: {exc}"
+            log.warning("readiness probe failed: %s", self._probe_error)  # the detail goes to logs only
+            try:
+                await self.engine.abort(probe_id)
+            except Exception:
+                pass
+            return
+        self._probe_error = None
+        self._probe_ok_at = time.monotonic()
