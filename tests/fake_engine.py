@@ -45,6 +45,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.running: set[str] = set()
         self.generated: list[str] = []  # request ids, in order
+        self.options: list[SamplingOptions] = []  # what each request asked of the sampler
 
     async def start(self) -> None:
         self.started = True
@@ -71,6 +72,7 @@ class FakeEngine:
             raise EngineDead("fake engine marked dead")
         self.running.add(request_id)
         self.generated.append(request_id)
+        self.options.append(options)
         words = self.words
         try:
             steps = min(options.max_tokens, len(words))

@@ -18,6 +18,7 @@ from tests.fake_engine import FakeEngine
 
 MODEL = "tiny"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
 def make_client(
@@ -106,14 +107,63 @@ def test_completions(client):
         ({"model": MODEL}, 400, "messages"),
         ({**CHAT, "model": "nope"}, 404, "model"),
         ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
-        ({**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        (
+            {**CHAT, "messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]},
+            400,
+            "messages[0].tool_call_id",
+        ),
+        ({**CHAT, "messages": [{"role": "function", "content": "x", "name": "f"}]}, 400, "messages[0].role"),
         ({**CHAT, "messages": []}, 400, "messages"),
         ({**CHAT, "temperature": 5}, 400, "temperature"),
         ({**CHAT, "top_p": 0}, 400, "top_p"),
         ({**CHAT, "n": 0}, 400, "n"),
         ({**CHAT, "max_tokens": 0}, 400, "max_tokens"),
         ({**CHAT, "max_tokens": 10_000}, 400, "messages"),
-        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({**CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+        (
+            {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            400,
+            "tool_choice",
+        ),
+        (
+            {
+                **CHAT,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+            },
+            400,
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                **CHAT,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            },
+            400,
+            "tools[0].function.parameters",
+        ),
+        ({**CHAT, "tools": [TOOL, TOOL]}, 400, "tools[1].function.name"),
+        (
+            {**CHAT, "tools": [{"type": "function", "function": {"name": "bad name"}}]},
+            400,
+            "tools[0].function.name",
+        ),
+        ({**CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
+        ({**CHAT, "tools": [TOOL], "response_format": {"type": "json_object"}}, 400, "response_format"),
+        (
+            {
+                **CHAT,
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+                        ],
+                    }
+                ],
+            },
+            400,
+            "messages[0].tool_calls[0].function.arguments",
+        ),
         ({**CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
         ({**CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
         ({**CHAT, "top_logprobs": 3}, 400, "top_logprobs"),
@@ -507,3 +557,57 @@ def test_shapes_match_openai_schemas(client):
     )
     for chunk in chunks:
         openai_schema.completion_chunk(chunk)
+
+
+# --- tool calls: parsing and shapes (the real engine's guided decoding: test_gateway_tools.py) -----------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}
+CALL_WORDS = [" ", "<tool_", 'call>{"name":"get_weather",', '"arguments":{"city":', '"Paris"}}</tool_call>']
+
+
+def test_tool_call_shapes_streamed_and_not(tiny_lite_dir):
+    import json as json_
+
+    engine = FakeEngine(words=CALL_WORDS)
+    with make_client(tiny_lite_dir, engine=engine) as c:
+        body = {**CHAT, "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
+        whole = c.post("/v1/chat/completions", json=body).json()
+        tag = json_.loads(engine.options[-1].structural_tag)
+        assert tag["format"]["elements"][1]["stop_after_first"] is True  # parallel_tool_calls: false
+        choice = whole["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["id"].startswith("call_") and call["type"] == "function"
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+        chunks = sse_events(c.post("/v1/chat/completions", json={**body, "stream": True}).text)
+        deltas = [ch["choices"][0]["delta"] for ch in chunks]
+        first = next(d["tool_calls"][0] for d in deltas if "tool_calls" in d)
+        assert first["index"] == 0 and first["id"].startswith("call_") and first["type"] == "function"
+        assert first["function"] == {"name": "get_weather", "arguments": ""}
+        args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas if "tool_calls" in d)
+        assert args == '{"city":"Paris"}'
+        assert not any(d.get("content") for d in deltas)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        if openai_schema.SPEC_PATH.exists():
+            openai_schema.chat_completion(whole)
+            for chunk in chunks:
+                openai_schema.chat_chunk(chunk)
+        # auto: text before the call stays content; tool_choice none: no parsing at all
+        engine.words = ["Let me check.", *CALL_WORDS]
+        msg = c.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER]}).json()["choices"][0][
+            "message"
+        ]
+        assert msg["content"] == "Let me check." and msg["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert json_.loads(engine.options[-1].structural_tag)["format"]["type"] == "triggered_tags"
+        msg = c.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER], "tool_choice": "none"}).json()
+        assert "tool_calls" not in msg["choices"][0]["message"] and engine.options[-1].structural_tag is None

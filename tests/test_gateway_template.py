@@ -11,7 +11,7 @@ import pytest
 
 from server.gateway.errors import APIError
 from server.gateway.protocol import ChatMessage
-from server.gateway.template import SHIPPED_TEMPLATE, ChatTemplate, normalize_messages
+from server.gateway.template import SHIPPED_TEMPLATE, TOOLS_TEMPLATE, ChatTemplate, normalize_messages
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -65,7 +65,8 @@ def test_normalize_messages():
         {"role": "assistant", "content": ""},
     ]
     for bad, param in [
-        (ChatMessage(role="tool", content="x"), "messages[0].role"),
+        (ChatMessage(role="tool", content="x", tool_call_id="call_1"), "messages[0].tool_call_id"),
+        (ChatMessage(role="function", content="x"), "messages[0].role"),
         (ChatMessage(role="narrator", content="x"), "messages[0].role"),
         (ChatMessage(role="user", content=None), "messages[0].content"),
         (ChatMessage(role="user", content=[{"type": "image_url"}]), "messages[0].content[0].type"),
@@ -73,6 +74,42 @@ def test_normalize_messages():
         with pytest.raises(APIError) as err:
             normalize_messages([bad])
         assert err.value.param == param and err.value.status == 400
+
+
+def test_tool_turns_normalised():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{ "a" : [1, 2] }'}}
+    msgs = [
+        ChatMessage(role="user", content="go"),
+        ChatMessage(role="assistant", content=None, tool_calls=[call]),
+        ChatMessage(role="tool", content="3", tool_call_id="call_1"),
+    ]
+    out = normalize_messages(msgs)
+    assert out[1]["tool_calls"][0]["function"] == {
+        "name": "f",
+        "arguments": '{"a":[1,2]}',
+    }  # compact, as generated
+    assert out[2] == {"role": "tool", "content": "3", "tool_call_id": "call_1", "name": "f"}
+    bad = ChatMessage(role="user", content="x", tool_calls=[call])
+    with pytest.raises(APIError) as err:
+        normalize_messages([bad])
+    assert err.value.param == "messages[0].tool_calls"
+
+
+def test_tools_template_extends_deepseek_v2s(tiny_lite_dir):
+    """Without tools the tool-aware template renders exactly what DeepSeek-V2's own does; with tools the list is
+    in the system part, before the first turn."""
+    import jinja2
+
+    env = jinja2.Environment()
+    for messages in (MESSAGES, MESSAGES[1:], [{"role": "user", "content": "x"}]):
+        args = {"bos_token": "<B>", "eos_token": "<E>", "add_generation_prompt": True, "messages": messages}
+        base = env.from_string(SHIPPED_TEMPLATE.read_text()).render(**args)
+        assert env.from_string(TOOLS_TEMPLATE.read_text()).render(**args) == base
+    t = ChatTemplate(str(tiny_lite_dir))
+    tool = {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}
+    text = t.render([{"role": "user", "content": "x"}], [tool])
+    assert text.startswith(t.bos_token + "## Tools\n\n") and text.endswith("User: x\n\nAssistant:")
+    assert '{"name": "f", "description": "d"' in text
 
 
 def test_json_log_lines_carry_access_fields():

@@ -36,7 +36,9 @@ class Slot:
         self.cost = cost
         self.engine_ids = engine_ids
         self.pending = set(engine_ids)
-        self.failed = False  # the engine side failed (the stream reports it); what is left is aborted as "error"
+        self.failed = (
+            False  # the engine side failed (the stream reports it); what is left is aborted as "error"
+        )
 
     async def track(self, steps: AsyncIterator, engine_id: str | None = None) -> AsyncIterator:
         """Pass `steps` through, marking engine requests finished: (index, step) pairs from generate_many, or

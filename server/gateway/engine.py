@@ -68,8 +68,8 @@ class SamplingOptions:
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    json_schema: dict | None = None
-    json_object: bool = False
+    # Guided decoding, as an xgrammar structural tag: response_format JSON and tool calls alike (protocol.py).
+    structural_tag: str | None = None
     stream: bool = True  # False: the engine may send only the final output
 
 
@@ -376,10 +376,8 @@ def _sampling_params(o: SamplingOptions):
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
     structured = None
-    if o.json_schema is not None:
-        structured = StructuredOutputsParams(json=o.json_schema)
-    elif o.json_object:
-        structured = StructuredOutputsParams(json_object=True)
+    if o.structural_tag is not None:
+        structured = StructuredOutputsParams(structural_tag=o.structural_tag)
     return SamplingParams(
         n=o.n,
         presence_penalty=o.presence_penalty,

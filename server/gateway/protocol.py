@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.gateway.engine import SamplingOptions
 from server.gateway.errors import APIError
 from server.gateway.template import normalize_messages
+from server.gateway.tools import json_tag, structural_tag
 
 # Extras vLLM accepts on both endpoints, documented here once.
 _TOP_K = "vLLM extra: sample from the k most likely tokens; 0 or -1 = all."
@@ -43,12 +44,50 @@ class ContentPart(_Strict):
     text: str | None = Field(default=None, description="Required for `text` parts.")
 
 
+class FunctionCall(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    arguments: str = Field(description="The arguments as a JSON text.")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: str = Field(description="system, developer (treated as system), user or assistant.")
+    role: str = Field(description="system, developer (treated as system), user, assistant or tool.")
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="An assistant's calls (content may be null)."
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="A tool message: the id of the call it answers."
+    )
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of an object.")
+    strict: bool | None = Field(
+        default=None, description="Arguments always follow the schema, strict or not."
+    )
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JSONSchemaFormat(_Strict):
@@ -72,8 +111,12 @@ class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
     frequency_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
-    function_call: Any | None = None
-    functions: list[dict[str, Any]] | None = None
+    function_call: Any | None = Field(
+        default=None, description="Deprecated by OpenAI: use tool_choice (400)."
+    )
+    functions: list[dict[str, Any]] | None = Field(
+        default=None, description="Deprecated by OpenAI: use tools (400)."
+    )
     logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -81,6 +124,7 @@ class ChatCompletionRequest(_Strict):
         default=None, ge=1, description="Deprecated by OpenAI; same as max_completion_tokens."
     )
     n: int | None = Field(default=1, ge=1, le=128)
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
     presence_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
     response_format: ResponseFormat | None = None
     seed: Seed | None = None
@@ -88,8 +132,10 @@ class ChatCompletionRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = Field(default=None, description="Only with `stream: true`.")
     temperature: Number | None = Field(default=1.0, ge=0, le=2)
-    tool_choice: Any | None = None
-    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="Default: auto when tools are given, else none."
+    )
+    tools: list[Tool] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: Number | None = Field(default=1.0, gt=0, le=1)
     user: str | None = None
@@ -159,32 +205,39 @@ class Plan:
     buffered_per_token: int  # token entries a buffered result keeps per generated token (1 + top logprobs)
     param: str  # "messages" or "prompt": the parameter named by context-length errors
     options: SamplingOptions  # everything but max_tokens
-    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+    messages: list[dict] = field(default_factory=list)  # chat
+    tools: list[dict] = field(default_factory=list)  # {"name", "description", "parameters"} for the template
+    tool_choice: str | None = None  # None (no tool calls), "auto", "required" or a function name
     prompts: list[str | list[int]] = field(default_factory=list)  # completions
     echo: bool = False
 
 
 def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
     check_model(req.model, limits)
-    if (
-        req.tools
-        or req.functions
-        or req.function_call not in (None, "none")
-        or req.tool_choice not in (None, "none")
-    ):
+    if req.functions is not None or req.function_call is not None:
         raise APIError(
-            "tools are not supported: this model has no tool-calling format",
-            param="tools" if req.tools else "tool_choice",
+            "functions and function_call are deprecated by OpenAI and not supported; use tools and tool_choice",
+            param="functions" if req.functions is not None else "function_call",
         )
     _check_stream_options(req)
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
     n = req.n or 1
     _check_sequences(n, "n", limits)
+    tools = _tools(req.tools)
+    choice = _tool_choice(req, tools)
     messages = normalize_messages(req.messages)
     options = _options(req, n)
     options.logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    options.json_schema, options.json_object = _response_format(req)
+    options.structural_tag = _response_format(req)
+    if choice is not None:
+        if options.structural_tag is not None:
+            raise APIError(
+                "response_format cannot be combined with tool calls; use tool_choice 'none', or a tool for the "
+                "structured answer",
+                param="response_format",
+            )
+        options.structural_tag = structural_tag(tools, choice, req.parallel_tool_calls is not False)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return Plan(
         sequences=n,
@@ -196,7 +249,46 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
         param="messages",
         options=options,
         messages=messages,
+        tools=tools,
+        tool_choice=choice,
     )
+
+
+def _tools(tools: list[Tool] | None) -> list[dict]:
+    """Request tools -> {"name", "description", "parameters"}; 400 for a schema that is not one."""
+    out: list[dict] = []
+    for i, tool in enumerate(tools or []):
+        fn = tool.function
+        param = f"tools[{i}].function.parameters"
+        parameters = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
+        _check_schema(parameters, param)
+        if parameters.get("type") != "object":
+            raise APIError(f"{param} must be a JSON schema of type object", param=param)
+        if any(t["name"] == fn.name for t in out):
+            raise APIError(
+                f"tools[{i}].function.name {fn.name!r} is given twice", param=f"tools[{i}].function.name"
+            )
+        out.append({"name": fn.name, "description": fn.description, "parameters": parameters})
+    return out
+
+
+def _tool_choice(req: ChatCompletionRequest, tools: list[dict]) -> str | None:
+    """None when the model may not call tools, else "auto", "required" or the name of the function."""
+    choice = req.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise APIError("tool_choice requires tools", param="tool_choice")
+        return None
+    if choice is None or choice == "auto":
+        return "auto"
+    if choice == "none":
+        return None
+    if choice == "required":
+        return "required"
+    name = choice.function.name
+    if all(t["name"] != name for t in tools):
+        raise APIError(f"tool_choice names {name!r}, which is not one of the tools", param="tool_choice")
+    return name
 
 
 def completion_plan(req: CompletionRequest, limits: Limits) -> Plan:
@@ -347,18 +439,32 @@ def check_vocab(options: SamplingOptions, vocab_size: int) -> None:
             )
 
 
-def _response_format(req: ChatCompletionRequest) -> tuple[dict | None, bool]:
+def _response_format(req: ChatCompletionRequest) -> str | None:
+    """response_format -> the structural tag that enforces it: JSON with at most one blank between tokens, so a
+    model cannot spend max_tokens padding an object (vLLM's own JSON mode allows any amount)."""
     rf = req.response_format
     if rf is None or rf.type == "text":
-        return None, False
+        return None
     if rf.type == "json_object":
-        return None, True
+        return json_tag({"type": "object"})
     if rf.json_schema is None or rf.json_schema.json_schema is None:
         raise APIError(
             "response_format.json_schema.schema is required for type json_schema",
             param="response_format.json_schema",
         )
-    return rf.json_schema.json_schema, False
+    schema = rf.json_schema.json_schema
+    _check_schema(schema, "response_format.json_schema.schema")
+    return json_tag(schema)
+
+
+def _check_schema(schema: dict, param: str) -> None:
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise APIError(f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
 
 
 def _prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
@@ -401,10 +507,13 @@ class AssistantMessage(BaseModel):
     content: str | None = None
     refusal: str | None = None
     role: Literal["assistant"] = "assistant"
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="Present when the model called tools."
+    )
 
 
 class ChatChoice(BaseModel):
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     index: int
     logprobs: ChoiceLogprobs | None = None
     message: AssistantMessage
@@ -426,14 +535,24 @@ class ChatCompletion(BaseModel):
     usage: Usage | None = None
 
 
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = Field(default=None, description="First delta of a call only.")
+    type: Literal["function"] | None = None
+    function: dict[str, str] | None = Field(
+        default=None, description="`name` first, then `arguments` fragments."
+    )
+
+
 class ChunkDelta(BaseModel):
     content: str | None = None
     role: Literal["assistant"] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     delta: ChunkDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     index: int
     logprobs: ChoiceLogprobs | None = None
 

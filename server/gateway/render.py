@@ -19,7 +19,14 @@ from json.encoder import encode_basestring  # the C string encoder json.dumps(en
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.gateway.engine import EngineDead, EngineFailed, EngineStep, RequestAborted, TokenLogprob
+from server.gateway import tools
+from server.gateway.engine import (
+    EngineDead,
+    EngineFailed,
+    EngineStep,
+    RequestAborted,
+    TokenLogprob,
+)
 from server.gateway.errors import APIError, engine_failure, shutting_down
 from server.gateway.metrics import RequestTimer
 
@@ -141,8 +148,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def chat_events(
-    steps: AsyncIterator[EngineStep], env: Envelope, n: int, include_usage: bool, timer: RequestTimer
+    steps: AsyncIterator[EngineStep],
+    env: Envelope,
+    n: int,
+    include_usage: bool,
+    timer: RequestTimer,
+    with_tools: bool = False,
 ) -> AsyncIterator[bytes]:
+    if with_tools:
+        async for event in _tool_chat_events(steps, env, n, include_usage, timer):
+            yield event
+        return
     base = env.head("chat.completion.chunk")
     prefix, suffix = _frame(base, include_usage)
 
@@ -192,6 +208,69 @@ async def chat_events(
         yield _failed(exc, timer)
         return
     yield _ending(base, include_usage, timer, prompt_tokens, completion_tokens)
+
+
+async def _tool_chat_events(
+    steps: AsyncIterator[EngineStep], env: Envelope, n: int, include_usage: bool, timer: RequestTimer
+) -> AsyncIterator[bytes]:
+    """Chat chunks when the model may call tools: its text goes through a CallParser per choice, and comes out
+    as content deltas and tool-call deltas exactly as OpenAI streams them (the first delta of a call carries its
+    index, id, type and name; later ones fragments of its arguments)."""
+    base = env.head("chat.completion.chunk")
+    prefix, suffix = _frame(base, include_usage)
+
+    def chunk(index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return (prefix + _dumps(choice) + suffix).encode()
+
+    for i in range(n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    parsers = [tools.CallParser() for _ in range(n)]
+    prompt_tokens = completion_tokens = 0
+    try:
+        async for step in steps:
+            prompt_tokens = step.prompt_tokens
+            for c in step.choices:
+                completion_tokens += c.num_tokens
+                parser = parsers[c.index]
+                events = parser.feed(c.text) + (parser.close() if c.finish_reason is not None else [])
+                logprobs = chat_logprobs(c.logprobs) if c.logprobs else None
+                for event in events:
+                    yield chunk(c.index, _tool_delta(event), logprobs)
+                    logprobs = None
+                if logprobs is not None:
+                    yield chunk(c.index, {}, logprobs)
+                if c.finish_reason is not None:
+                    yield chunk(c.index, {}, None, _tool_finish(c.finish_reason, parser.calls))
+            if any(c.num_tokens for c in step.choices):
+                timer.tokens()
+    except Exception as exc:  # drain abort, engine failure: the headers are sent, so an error event
+        yield _failed(exc, timer)
+        return
+    yield _ending(base, include_usage, timer, prompt_tokens, completion_tokens)
+
+
+def _tool_delta(event: tools.Event) -> dict:
+    if event.kind == "content":
+        return {"content": event.text}
+    if event.kind == "call":
+        return {
+            "tool_calls": [
+                {
+                    "index": event.index,
+                    "id": event.call_id,
+                    "type": "function",
+                    "function": {"name": event.name, "arguments": ""},
+                }
+            ]
+        }
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+
+
+def _tool_finish(reason: str | None, calls: int) -> str | None:
+    """OpenAI's "tool_calls" when the model called a tool and was not cut off by max_tokens."""
+    reason = finish_reason(reason)
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 async def completion_events(
@@ -337,19 +416,29 @@ async def collect(
     return results
 
 
-def chat_body(env: Envelope, r: Result) -> JSONResponse:
+def chat_body(env: Envelope, r: Result, with_tools: bool = False) -> JSONResponse:
+    choices = []
+    for i, text in enumerate(r.texts):
+        message: dict = {"role": "assistant", "content": text, "refusal": None}
+        finish = finish_reason(r.finish[i]) or "stop"
+        if with_tools:
+            parsed = tools.parse(text)
+            if parsed.calls:
+                message["content"] = parsed.content or None
+                message["tool_calls"] = [call.body() for call in parsed.calls]
+                finish = _tool_finish(finish, len(parsed.calls))
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": chat_logprobs(r.logprobs[i]) if r.logprobs[i] is not None else None,
+                "finish_reason": finish,
+            }
+        )
     return JSONResponse(
         {
             **env.head("chat.completion"),
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": r.texts[i], "refusal": None},
-                    "logprobs": chat_logprobs(r.logprobs[i]) if r.logprobs[i] is not None else None,
-                    "finish_reason": finish_reason(r.finish[i]) or "stop",
-                }
-                for i in range(len(r.texts))
-            ],
+            "choices": choices,
             "usage": usage(r.prompt_tokens, r.completion_tokens),
         }
     )

@@ -65,16 +65,21 @@ async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request,
         slot = await owner.enter_async_context(svc.admission.slot(plan.sequences, f"chatcmpl-{request_id}"))
         env = render.Envelope(slot.request_id, int(time.time()), svc.model_name)
         prompt = await _encode(
-            svc.template.encode_chat, plan.messages, sum(len(m["content"]) for m in plan.messages)
+            lambda messages: svc.template.encode_chat(messages, plan.tools),
+            plan.messages,
+            sum(len(m["content"]) for m in plan.messages),
         )
         (options,) = protocol.sampling_options(plan, [len(prompt)], limits)
         steps = slot.track(svc.engine.generate(prompt, options, slot.engine_ids[0]), slot.engine_ids[0])
         if plan.stream:
             first = await until_disconnected(raw, _first_step(steps, timer))
-            events = render.chat_events(_prepend(first, steps), env, plan.n, plan.include_usage, timer)
+            with_tools = plan.tool_choice is not None
+            events = render.chat_events(
+                _prepend(first, steps), env, plan.n, plan.include_usage, timer, with_tools
+            )
             return render.SSEResponse(events, owner.pop_all())
         results = await until_disconnected(raw, render.collect(_indexed(steps), 1, plan.n, timer))
-        return render.chat_body(env, results[0])
+        return render.chat_body(env, results[0], plan.tool_choice is not None)
 
 
 async def completion(

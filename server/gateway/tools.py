@@ -1,0 +1,230 @@
+"""Tool calls in DeepSeek-V2 chat: the format, the grammar that guarantees it, and parsing the model's text.
+
+The format (rendered into prompts by server/data/deepseek_v2_chat_template.jinja, and what the model writes):
+
+    <tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>
+
+The guarantee comes from vLLM's structured outputs (an xgrammar structural tag), never from hoping the text
+parses: once the model writes `<tool_call>`, the grammar allows only `{"name":"<one of the request's tools>",
+"arguments":` followed by JSON valid for that tool's `parameters` schema (at most one blank between tokens: no
+padding), then `}</tool_call>`. `auto` leaves the model free to answer in text instead; `required` and a
+named choice make the output nothing but calls; `parallel_tool_calls: false` stops after the first call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+OPEN = "<tool_call>"
+CLOSE = "</tool_call>"
+_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+# JSON whitespace allowed between tokens of the arguments: enough for readable JSON, too little to pad with.
+MAX_WHITESPACE = 1
+
+
+def call_prefix(name: str) -> str:
+    return OPEN + '{"name":' + json.dumps(name, ensure_ascii=False) + ',"arguments":'
+
+
+def render_call(name: str, arguments: str) -> str:
+    """One call as the template writes it (arguments: compact JSON text)."""
+    return f"{call_prefix(name)}{arguments}}}{CLOSE}"
+
+
+def json_tag(schema: dict) -> str:
+    """JSON valid for `schema` and nothing else (response_format), padding bounded as in tool arguments."""
+    fmt = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE}
+    return json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
+
+
+def structural_tag(tools: list[dict], choice: str | None, parallel: bool) -> str:
+    """The structural tag for `tools` ({"name", "parameters"}) under tool_choice `choice`: "auto", "required",
+    or the name of one function."""
+    named = choice not in ("auto", "required")
+    chosen = [t for t in tools if t["name"] == choice] if named else tools
+    tags = [
+        {
+            "type": "tag",
+            "begin": call_prefix(t["name"]),
+            "content": {
+                "type": "json_schema",
+                "json_schema": t["parameters"],
+                "max_whitespace_cnt": MAX_WHITESPACE,
+            },
+            "end": "}" + CLOSE,
+        }
+        for t in chosen
+    ]
+    if choice == "auto":
+        fmt: dict = {
+            "type": "triggered_tags",
+            "triggers": [OPEN],
+            "tags": tags,
+            "at_least_one": False,
+            "stop_after_first": not parallel,
+        }
+    else:
+        # Only calls: after the assistant's "Assistant:" one blank (as the template writes the turn), then
+        # one call (named, or parallel calls off) or several.
+        fmt = {
+            "type": "sequence",
+            "elements": [
+                {"type": "const_string", "value": " "},
+                {
+                    "type": "tags_with_separator",
+                    "tags": tags,
+                    "separator": "\n",
+                    "at_least_one": True,
+                    "stop_after_first": named or not parallel,
+                },
+            ],
+        }
+    return json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = ""
+
+    def body(self) -> dict:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class Parsed:
+    content: str
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+def parse(text: str) -> Parsed:
+    """A whole output -> its text and its calls (what a non-streamed response returns)."""
+    parser = CallParser()
+    content, calls = [], []
+    for event in [*parser.feed(text), *parser.close()]:
+        if event.kind == "content":
+            content.append(event.text)
+        elif event.kind == "call":
+            calls.append(ToolCall(event.call_id, event.name))
+        else:
+            calls[-1].arguments += event.text
+    return Parsed("".join(content), calls)
+
+
+@dataclass
+class Event:
+    kind: (
+        str  # "content" | "call" (a call starts: call_id, name) | "arguments" (a fragment of the last call's)
+    )
+    text: str = ""
+    name: str = ""
+    call_id: str = ""
+    index: int = 0
+
+
+class CallParser:
+    """Incremental: model text in, content and tool-call events out, as a stream must send them.
+
+    Text that might be the start of `<tool_call>` is held back until it is known; a call is announced once its
+    name is known; argument fragments are sent as they come, except the tail that might be the `}</tool_call>`
+    closing the call. Trailing blanks are held until more text follows them, so the blanks around calls (the
+    template's " " after "Assistant:", newlines between calls) never become content; the result does not depend
+    on how the text was cut into pieces.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.blank = ""
+        self.in_call = False
+        self.announced = False
+        self.calls = 0
+
+    def feed(self, text: str) -> list[Event]:
+        return self._content_held(self._feed(text))
+
+    def _content_held(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for event in events:
+            if event.kind == "call":
+                self.blank = ""  # blanks before a call are layout, not content
+                out.append(event)
+            elif event.kind != "content":
+                out.append(event)
+            else:
+                text = self.blank + event.text
+                kept = text.rstrip()
+                self.blank = text[len(kept) :]
+                if kept:
+                    out.append(Event("content", kept))
+        return out
+
+    def _feed(self, text: str) -> list[Event]:
+        self.buffer += text
+        events: list[Event] = []
+        while True:
+            if not self.in_call:
+                start = self.buffer.find(OPEN)
+                if start < 0:
+                    keep = _partial_suffix(self.buffer, OPEN)
+                    if len(self.buffer) > keep:
+                        events.append(Event("content", self.buffer[: len(self.buffer) - keep]))
+                        self.buffer = self.buffer[len(self.buffer) - keep :]
+                    return events
+                if start:
+                    events.append(Event("content", self.buffer[:start]))
+                self.buffer = self.buffer[start + len(OPEN) :]
+                self.in_call, self.announced = True, False
+            if not self.announced:
+                head = _HEAD.match(self.buffer)
+                if head is None:
+                    return events
+                name = json.loads(f'"{head.group(1)}"')
+                events.append(Event("call", name=name, call_id=new_call_id(), index=self.calls))
+                self.calls += 1
+                self.buffer = self.buffer[head.end() :]
+                self.announced = True
+            end = self.buffer.find("}" + CLOSE)
+            if end < 0:
+                keep = _partial_suffix(self.buffer, "}" + CLOSE)
+                if len(self.buffer) > keep:
+                    events.append(
+                        Event("arguments", self.buffer[: len(self.buffer) - keep], index=self.calls - 1)
+                    )
+                    self.buffer = self.buffer[len(self.buffer) - keep :]
+                return events
+            if end:
+                events.append(Event("arguments", self.buffer[:end], index=self.calls - 1))
+            self.buffer = self.buffer[end + 1 + len(CLOSE) :]
+            self.in_call = False
+
+    def close(self) -> list[Event]:
+        """The end of the output: what was held back is sent as it is (a call cut short keeps its partial
+        arguments, as OpenAI's do when max_tokens ends a call)."""
+        rest, self.buffer = self.buffer, ""
+        events = self._content_held([Event("content", rest)] if rest and not self.in_call else [])
+        if self.blank and not self.calls:  # a plain answer keeps its blanks
+            events.append(Event("content", self.blank))
+        self.blank = ""
+        if rest and self.in_call and self.announced:
+            events.append(Event("arguments", rest, index=self.calls - 1))
+        return events
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
