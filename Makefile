@@ -44,6 +44,7 @@ serve: $(STAMP) ## serve MODEL (default: the tiny checkpoint) on 127.0.0.1:8000
 test: $(STAMP) ## install and run the whole test suite
 	@if [ -f scripts/install-actionlint.sh ]; then bash scripts/install-actionlint.sh; fi
 	@if [ -f scripts/install-k8s-tools.sh ]; then bash scripts/install-k8s-tools.sh; fi
+	@bash scripts/install-browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests that start no vLLM engine

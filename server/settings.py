@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Allowed CORS origins (comma-separated); empty = CORS off."
     )
+    playground: bool = Field(
+        default=True,
+        description="Serve the browser chat playground on / and /playground (off: --no-playground).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     log_format: Literal["text", "json"] = Field(default="text", description="Access and app log format.")
     engine_args: list[str] = Field(
@@ -168,6 +172,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     # Short aliases users of vLLM know.
     parser.add_argument("-tp", dest="tensor_parallel_size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--api-key", dest="api_keys", default=None, help="Same as --api-keys.")
+    parser.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_const",
+        const=False,
+        default=None,
+        help=f"{Settings.model_fields['playground'].description} [env DSV2_PLAYGROUND=false]",
+    )
     parser.add_argument(  # the earlier name, when the budget counted requests
         "--max-concurrent-requests",
         dest="max_inflight_sequences",

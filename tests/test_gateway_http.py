@@ -611,3 +611,17 @@ def test_tool_call_shapes_streamed_and_not(tiny_lite_dir):
         assert json_.loads(engine.options[-1].structural_tag)["format"]["type"] == "triggered_tags"
         msg = c.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER], "tool_choice": "none"}).json()
         assert "tool_calls" not in msg["choices"][0]["message"] and engine.options[-1].structural_tag is None
+
+
+def test_playground_served_and_switched_off(tiny_lite_dir):
+    with make_client(tiny_lite_dir) as c:
+        for path in ("/", "/playground"):
+            r = c.get(path)
+            assert r.status_code == 200 and "<title>dsv2-serve playground</title>" in r.text
+            assert "script-src 'self'" in r.headers["content-security-policy"]
+        assert c.get("/playground/playground.js").headers["content-type"].startswith("text/javascript")
+        assert_openai_error(c.get("/playground/secret.py"), 404)
+        assert "/playground" not in c.get("/openapi.json").json()["paths"]
+    with make_client(tiny_lite_dir, playground=False) as c:
+        assert_openai_error(c.get("/"), 404)
+        assert_openai_error(c.get("/playground/playground.js"), 404)

@@ -23,6 +23,7 @@ def test_flags_env_and_defaults(monkeypatch, tiny_lite_dir):
     assert s.cors_origins == ["https://x", "https://y"]
     assert s.model_name == tiny_lite_dir.name
     assert s.drain_timeout == 30 and s.log_format == "text" and s.timeout_keep_alive == 75
+    assert s.playground and not parse(["--model", str(tiny_lite_dir), "--no-playground"]).playground
     # the earlier flag name still sets the budget
     assert (
         parse(["--model", str(tiny_lite_dir), "--max-concurrent-requests", "3"]).max_inflight_sequences == 3

@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from server import __version__
+from server.gateway import playground
 from server.gateway.admission import Admission
 from server.gateway.engine import Engine, VLLMEngine
 from server.gateway.errors import install_handlers
@@ -73,6 +74,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_handlers(app)
     app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.add_middleware(
         GatewayMiddleware,
         api_keys=settings.api_keys,
