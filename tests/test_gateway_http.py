@@ -503,6 +503,21 @@ def test_ready_needs_no_engine_queue_while_busy(tiny_lite_dir):
         assert out[0].status_code == 200
 
 
+def test_idle_pod_refreshes_its_proof_ahead_without_waiting(tiny_lite_dir):
+    import time
+
+    engine = FakeEngine(delay=0.3)  # a probe takes 0.3 s
+    with make_client(tiny_lite_dir, engine=engine, readiness_window_seconds=2.0) as c:
+        assert c.get("/ready").status_code == 200 and len(engine.generated) == 1  # no proof yet: waits for one
+        threading.Event().wait(0.2)
+        assert c.get("/ready").status_code == 200 and len(engine.generated) == 1  # fresh proof: no probe
+        threading.Event().wait(1.0)  # past half the window: answered at once, a new probe starts behind it
+        start = time.monotonic()
+        assert c.get("/ready").status_code == 200 and time.monotonic() - start < 0.2
+        threading.Event().wait(0.5)
+        assert len(engine.generated) == 2
+
+
 def test_ready_fails_without_leaking_the_probe_error(tiny_lite_dir):
     engine = FakeEngine(fail_after=0)
     with make_client(tiny_lite_dir, engine=engine) as c:

@@ -4,8 +4,9 @@
     ready = started ∧ not draining ∧ live ∧ generation proven within --readiness-window-seconds:
             a request completed, or (busy) the engine made a step, or (idle only) a one-token probe succeeded
 
-A probe runs only while no request is in flight, in a task of its own; `ready()` waits for it at most
-PROBE_WAIT_S and otherwise answers from the last probe, so /ready answers within a second at any load.
+A probe runs only while no request is in flight, in a task of its own. An idle pod refreshes its proof when half
+the window has passed, without waiting for it; only when the proof has run out (at startup, or after a long
+silence) does `ready()` wait for a probe, at most PROBE_WAIT_S. So /ready answers within a second at any load.
 """
 
 from __future__ import annotations
@@ -57,23 +58,30 @@ class Health:
         if not ok:
             return False, reason
         if self._proven():
+            if self.admission.idle and self._age() > self.window / 2:
+                self._start_probe()  # refresh the proof ahead of time, without waiting for it
             return True, "ok"
         if not self.admission.idle:
             return False, "no engine progress"
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._run_probe())
-        await asyncio.wait({self._probe}, timeout=PROBE_WAIT_S)
+        await asyncio.wait({self._start_probe()}, timeout=PROBE_WAIT_S)
         if self._proven():  # the probe succeeded, or requests came in meanwhile and the engine is stepping
             return True, "ok"
         return False, "probe failed" if self._probe_error else "probe pending"
 
+    def _start_probe(self) -> asyncio.Task:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._run_probe())
+        return self._probe
+
+    def _age(self) -> float:
+        """Seconds since generation was last proven by a completed request or probe."""
+        return time.monotonic() - max(self.engine.progress.last_success, self._probe_ok_at)
+
     def _proven(self) -> bool:
         """Generation proven within the window: a completed request or probe, or (busy) an engine step."""
-        now = time.monotonic()
-        progress = self.engine.progress
-        if now - max(progress.last_success, self._probe_ok_at) < self.window:
+        if self._age() < self.window:
             return True
-        return not self.admission.idle and now - progress.last_step < self.window
+        return not self.admission.idle and time.monotonic() - self.engine.progress.last_step < self.window
 
     async def _run_probe(self) -> None:
         """One greedy token for a one-token prompt; the engine is idle, so it runs at once."""
