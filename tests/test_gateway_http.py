@@ -508,7 +508,9 @@ def test_idle_pod_refreshes_its_proof_ahead_without_waiting(tiny_lite_dir):
 
     engine = FakeEngine(delay=0.3)  # a probe takes 0.3 s
     with make_client(tiny_lite_dir, engine=engine, readiness_window_seconds=2.0) as c:
-        assert c.get("/ready").status_code == 200 and len(engine.generated) == 1  # no proof yet: waits for one
+        assert (
+            c.get("/ready").status_code == 200 and len(engine.generated) == 1
+        )  # no proof yet: waits for one
         threading.Event().wait(0.2)
         assert c.get("/ready").status_code == 200 and len(engine.generated) == 1  # fresh proof: no probe
         threading.Event().wait(1.0)  # past half the window: answered at once, a new probe starts behind it
@@ -640,3 +642,57 @@ def test_playground_served_and_switched_off(tiny_lite_dir):
     with make_client(tiny_lite_dir, playground=False) as c:
         assert_openai_error(c.get("/"), 404)
         assert_openai_error(c.get("/playground/playground.js"), 404)
+
+
+# --- the Anthropic Messages path: auth and shapes (the real engine: test_gateway_anthropic.py) ------------------
+
+MSG = {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_messages_auth_and_error_shape(tiny_lite_dir):
+    with make_client(tiny_lite_dir, api_keys=["k1"]) as c:
+        r = c.post("/v1/messages", json=MSG)
+        assert r.status_code == 401
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
+        r = c.post("/v1/messages", json=MSG, headers={"x-api-key": "k1", "anthropic-version": "2023-06-01"})
+        body = r.json()
+        assert r.status_code == 200 and body["type"] == "message" and body["stop_reason"] == "end_turn"
+        assert body["content"] == [{"type": "text", "text": "Hello from the fake engine."}]
+        assert body["usage"]["output_tokens"] == 6
+        assert c.get("/v1/models", headers={"x-api-key": "k1"}).status_code == 200
+        assert c.get("/v1/models", headers={"x-api-key": "k2"}).status_code == 401
+        r = c.post("/v1/messages", json={**MSG, "max_tokens": "x"}, headers={"x-api-key": "k1"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert "max_tokens" in r.json()["error"]["message"]
+        r = c.post(
+            "/v1/messages/count_tokens",
+            json={"model": MODEL, "messages": MSG["messages"]},
+            headers={"x-api-key": "k1"},
+        )
+        assert r.status_code == 200 and r.json()["input_tokens"] > 0
+
+
+def test_messages_stream_events(tiny_lite_dir):
+    engine = FakeEngine(words=["Let me see.", *CALL_WORDS])
+    with make_client(tiny_lite_dir, engine=engine) as c:
+        tools = [{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}]
+        r = c.post("/v1/messages", json={**MSG, "stream": True, "tools": tools})
+        kinds, datas = [], []
+        for block in r.text.strip().split("\n\n"):
+            kind, data = block.split("\n")
+            kinds.append(kind.removeprefix("event: "))
+            datas.append(json.loads(data.removeprefix("data: ")))
+        assert kinds == [
+            "message_start", "ping",
+            "content_block_start", "content_block_delta", "content_block_stop",
+            "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+            "message_delta", "message_stop",
+        ]  # fmt: skip
+        assert datas[3]["delta"] == {"type": "text_delta", "text": "Let me see."}
+        assert (
+            datas[5]["content_block"]["type"] == "tool_use"
+            and datas[5]["content_block"]["name"] == "get_weather"
+        )
+        args = "".join(d["delta"]["partial_json"] for d in datas[6:8])
+        assert json.loads(args) == {"city": "Paris"}
+        assert datas[-2]["delta"]["stop_reason"] == "tool_use"

@@ -88,9 +88,9 @@ class ChoiceDelta:
     text: str
     num_tokens: int
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = (
-        None  # "stop" | "length" | "repetition" once finished ("abort", "error" raise)
-    )
+    # "stop" | "length" | "repetition" once finished ("abort" and "error" are raised instead)
+    finish_reason: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the choice, if one did
 
 
 @dataclass
@@ -283,6 +283,7 @@ class VLLMEngine:
                             if want_logprobs
                             else None,
                             finish_reason=c.finish_reason,
+                            stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
                         )
                     )
                 prompt_logprobs = None

@@ -61,8 +61,30 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> Response:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        """The same error in Anthropic's shape, for the /v1/messages path."""
+        kind = _ANTHROPIC_TYPES.get(
+            self.status, "api_error" if self.status >= 500 else "invalid_request_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> Response:
+        body = self.anthropic_body() if is_anthropic(path) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
@@ -107,12 +129,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> Response:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        return validation_error(exc).response()
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -123,25 +145,27 @@ def install_handlers(app: FastAPI) -> None:
             message = f"method {request.method} not allowed on {request.url.path}"
         else:
             message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
-        return APIError(message, status, headers=dict(exc.headers or {})).response()
+        return APIError(message, status, headers=dict(exc.headers or {})).response(request.url.path)
 
     @app.exception_handler(EngineRejected)
-    async def _rejected(_: Request, exc: EngineRejected) -> Response:
-        return APIError(str(exc), param=exc.param).response()
+    async def _rejected(request: Request, exc: EngineRejected) -> Response:
+        return APIError(str(exc), param=exc.param).response(request.url.path)
 
     @app.exception_handler(EngineDead)
-    async def _dead(_: Request, exc: EngineDead) -> Response:
+    async def _dead(request: Request, exc: EngineDead) -> Response:
         log.error("engine dead: %s", exc)
-        return APIError("the engine is not available", 503, code="engine_unavailable").response()
+        return APIError("the engine is not available", 503, code="engine_unavailable").response(
+            request.url.path
+        )
 
     @app.exception_handler(EngineFailed)
-    async def _failed(_: Request, exc: EngineFailed) -> Response:
+    async def _failed(request: Request, exc: EngineFailed) -> Response:
         log.error("engine failed the request: %s", exc)
-        return engine_failure(exc).response()
+        return engine_failure(exc).response(request.url.path)
 
     @app.exception_handler(RequestAborted)
-    async def _aborted(_: Request, exc: RequestAborted) -> Response:
-        return shutting_down().response()
+    async def _aborted(request: Request, exc: RequestAborted) -> Response:
+        return shutting_down().response(request.url.path)
 
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, exc: ClientGone) -> Response:

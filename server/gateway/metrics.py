@@ -13,7 +13,17 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 # Routes with a label of their own; anything else counts as "other" (bounded label cardinality).
 ROUTES = frozenset(
-    ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/version"]
+    [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/models",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/version",
+    ]
 )
 MODEL_ROUTE = "/v1/models/{model}"
 

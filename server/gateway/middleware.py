@@ -73,13 +73,13 @@ class GatewayMiddleware:
         try:
             error = self._refuse(headers, path, scope["method"])
             if error is not None:
-                await error.response()(scope, _no_receive, send_with_id)
+                await error.response(path)(scope, _no_receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path)
             if status_box[0] == 0:  # nothing sent yet: an OpenAI-shaped 500 that names the request
-                await internal_error().response()(scope, _no_receive, send_with_id)
+                await internal_error().response(path)(scope, _no_receive, send_with_id)
         finally:
             request_id_var.reset(token)
             self._record(scope, path, status_box[0] or 500, start, request_id)
@@ -87,9 +87,9 @@ class GatewayMiddleware:
     def _refuse(self, headers: dict[bytes, bytes], path: str, method: str) -> APIError | None:
         if not path.startswith("/v1/") or method == "OPTIONS":  # probes, metrics; CORS preflight has no key
             return None
-        if self.key_digests and not self._authorized(headers.get(b"authorization", b"")):
+        if self.key_digests and not self._authorized(headers):
             return APIError(
-                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
@@ -101,13 +101,16 @@ class GatewayMiddleware:
             )
         return None
 
-    def _authorized(self, header: bytes) -> bool:
-        scheme, _, token = header.partition(b" ")
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """`Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic clients)."""
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":
+            token = headers.get(b"x-api-key", b"")
         offered = _digest(token.strip())
         ok = False
         for key in self.key_digests:  # every key compared, each in constant time over equal-length digests
             ok |= hmac.compare_digest(offered, key)
-        return ok and scheme.lower() == b"bearer"
+        return ok and bool(token)
 
     def _limited(self, receive: Receive) -> Receive:
         """Bodies without (or lying about) Content-Length are counted as they arrive."""

@@ -375,7 +375,15 @@ class SSEResponse(StreamingResponse):
 class Result:
     """One prompt's whole output, for a non-streamed response."""
 
-    __slots__ = ("prompt_tokens", "completion_tokens", "texts", "logprobs", "finish", "prompt_logprobs")
+    __slots__ = (
+        "prompt_tokens",
+        "completion_tokens",
+        "texts",
+        "logprobs",
+        "finish",
+        "stop",
+        "prompt_logprobs",
+    )
 
     def __init__(self, n: int) -> None:
         self.prompt_tokens = 0
@@ -383,6 +391,7 @@ class Result:
         self.texts = [""] * n
         self.logprobs: list[list[TokenLogprob] | None] = [None] * n
         self.finish: list[str | None] = [None] * n
+        self.stop: list[str | None] = [None] * n  # the stop string that ended each choice
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, step: EngineStep) -> None:
@@ -398,6 +407,7 @@ class Result:
                 self.logprobs[c.index].extend(c.logprobs)
             if c.finish_reason is not None:
                 self.finish[c.index] = c.finish_reason
+                self.stop[c.index] = c.stop_sequence
 
 
 async def collect(

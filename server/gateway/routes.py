@@ -7,8 +7,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import JSONResponse, Response
 
 from server import __version__
+from server.gateway import anthropic, serving
 from server.gateway import protocol as p
-from server.gateway import serving
 from server.gateway.errors import APIError
 from server.gateway.health import Health
 
@@ -72,6 +72,21 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
 @router.post("/v1/completions", responses=_stream_response(p.Completion), response_model=None)
 async def completions(body: p.CompletionRequest, request: Request) -> Response:
     return await serving.completion(services(request), body, request, request_id(request))
+
+
+@router.post(
+    "/v1/messages",
+    response_model=None,
+    summary="Anthropic Messages API (errors in Anthropic's shape on this path).",
+    responses={200: {"description": "An Anthropic message, or with `stream: true` its event stream."}},
+)
+async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
+    return await serving.messages(services(request), body, request, request_id(request))
+
+
+@router.post("/v1/messages/count_tokens", summary="Anthropic: tokens the request's prompt takes.")
+async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> JSONResponse:
+    return JSONResponse(await serving.count_tokens(services(request), body))
 
 
 @router.get("/v1/models", response_model=p.ModelList, responses={401: _ERRORS[401]})

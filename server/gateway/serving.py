@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
-from server.gateway import protocol, render
-from server.gateway.admission import Admission
+from server.gateway import anthropic, protocol, render
+from server.gateway.admission import Admission, Slot
 from server.gateway.engine import Engine, EngineDead, EngineFailed, RequestAborted, generate_many
 from server.gateway.errors import ClientGone
 from server.gateway.metrics import GatewayMetrics, RequestTimer
@@ -61,25 +61,58 @@ async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request,
     plan = protocol.chat_plan(req, limits)
     protocol.check_vocab(plan.options, limits.vocab_size)
     timer = RequestTimer(svc.metrics, "/v1/chat/completions")
+    with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
-        slot = await owner.enter_async_context(svc.admission.slot(plan.sequences, f"chatcmpl-{request_id}"))
+        slot, _, steps = await _start_chat(svc, plan, limits, owner, f"chatcmpl-{request_id}")
         env = render.Envelope(slot.request_id, int(time.time()), svc.model_name)
-        prompt = await _encode(
-            lambda messages: svc.template.encode_chat(messages, plan.tools),
-            plan.messages,
-            sum(len(m["content"]) for m in plan.messages),
-        )
-        (options,) = protocol.sampling_options(plan, [len(prompt)], limits)
-        steps = slot.track(svc.engine.generate(prompt, options, slot.engine_ids[0]), slot.engine_ids[0])
         if plan.stream:
             first = await until_disconnected(raw, _first_step(steps, timer))
-            with_tools = plan.tool_choice is not None
             events = render.chat_events(
                 _prepend(first, steps), env, plan.n, plan.include_usage, timer, with_tools
             )
             return render.SSEResponse(events, owner.pop_all())
         results = await until_disconnected(raw, render.collect(_indexed(steps), 1, plan.n, timer))
-        return render.chat_body(env, results[0], plan.tool_choice is not None)
+        return render.chat_body(env, results[0], with_tools)
+
+
+async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, request_id: str) -> Response:
+    """Anthropic's Messages API: the chat path, in Anthropic's shapes."""
+    limits = svc.limits()
+    plan = protocol.chat_plan(anthropic.to_chat(req), limits)
+    timer = RequestTimer(svc.metrics, "/v1/messages")
+    with_tools = plan.tool_choice is not None
+    async with AsyncExitStack() as owner:
+        _, prompt, steps = await _start_chat(svc, plan, limits, owner, f"msg-{request_id}")
+        msg_id = anthropic.message_id()
+        if plan.stream:
+            first = await until_disconnected(raw, _first_step(steps, timer))
+            events = anthropic.message_events(
+                _prepend(first, steps), msg_id, svc.model_name, len(prompt), with_tools, timer
+            )
+            return render.SSEResponse(events, owner.pop_all())
+        results = await until_disconnected(raw, render.collect(_indexed(steps), 1, 1, timer))
+        return JSONResponse(anthropic.message_body(msg_id, svc.model_name, results[0], with_tools))
+
+
+async def count_tokens(svc: Services, req: anthropic.CountTokensRequest) -> dict:
+    plan = protocol.chat_plan(anthropic.to_chat(req), svc.limits())
+    return {"input_tokens": len(await _encode_chat(svc, plan))}
+
+
+async def _start_chat(
+    svc: Services, plan: protocol.Plan, limits: protocol.Limits, owner: AsyncExitStack, request_id: str
+) -> tuple[Slot, list[int], AsyncIterator]:
+    """Admit, encode, start generating: the part of a chat request's life every chat-shaped API shares."""
+    slot = await owner.enter_async_context(svc.admission.slot(plan.sequences, request_id))
+    prompt = await _encode_chat(svc, plan)
+    (options,) = protocol.sampling_options(plan, [len(prompt)], limits)
+    steps = slot.track(svc.engine.generate(prompt, options, slot.engine_ids[0]), slot.engine_ids[0])
+    return slot, prompt, steps
+
+
+async def _encode_chat(svc: Services, plan: protocol.Plan) -> list[int]:
+    size = sum(len(m["content"]) for m in plan.messages)
+    return await _encode(lambda messages: svc.template.encode_chat(messages, plan.tools), plan.messages, size)
 
 
 async def completion(
