@@ -7,14 +7,12 @@ Forced decisions (the tiny model's weights are random) are made with `tool_choic
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
 
-from tests.test_gateway_engine import MODEL, Server, start_server
+from tests.test_gateway_engine import MODEL, Server, module_server
 from tests.test_gateway_tools import WEATHER_PARAMS
 
 pytestmark = pytest.mark.engine
@@ -25,13 +23,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 GREEDY = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(
-        tiny_lite_dir, tmp_path_factory.mktemp("anthropic") / "server.log", "--max-model-len", "2048"
-    )
-    yield srv
-    assert srv.stop() == 0, srv.logs()
+server = module_server("anthropic", "--max-model-len", "2048")
 
 
 @pytest.fixture(scope="module")

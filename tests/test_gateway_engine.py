@@ -95,12 +95,20 @@ def start_server(model_dir: Path, log: Path, *flags: str, env: dict[str, str] | 
     raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.logs()}")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tiny_lite_dir, tmp_path_factory.mktemp("gw") / "server.log")
-    yield srv
-    rc = srv.stop()
-    assert rc == 0, srv.logs()
+def module_server(name: str, *flags: str):
+    """A module-scoped `server` fixture: `python -m server serve` on the tiny checkpoint with `flags`, stopped
+    with SIGTERM at the end of the module, which must exit 0."""
+
+    @pytest.fixture(scope="module", name="server")
+    def fixture(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+        srv = start_server(tiny_lite_dir, tmp_path_factory.mktemp(name) / "server.log", *flags)
+        yield srv
+        assert srv.stop() == 0, srv.logs()
+
+    return fixture
+
+
+server = module_server("gw")
 
 
 @pytest.fixture(scope="module")

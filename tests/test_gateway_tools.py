@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -21,7 +19,14 @@ import pytest
 from pydantic import BaseModel
 
 from tests import openai_schema
-from tests.test_gateway_engine import MODEL, Server, spec_check, start_server, strict_chunk, strict_completion
+from tests.test_gateway_engine import (
+    MODEL,
+    Server,
+    module_server,
+    spec_check,
+    strict_chunk,
+    strict_completion,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -55,14 +60,8 @@ SCHEMAS = {"get_weather": WEATHER_PARAMS, "get_time": TIME_PARAMS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # The tiny tokenizer spends many tokens on JSON: the tool list alone takes ~400.
-    srv = start_server(
-        tiny_lite_dir, tmp_path_factory.mktemp("tools") / "server.log", "--max-model-len", "2048"
-    )
-    yield srv
-    assert srv.stop() == 0, srv.logs()
+# The tiny tokenizer spends many tokens on JSON: the tool list alone takes ~400.
+server = module_server("tools", "--max-model-len", "2048")
 
 
 @pytest.fixture(scope="module")
