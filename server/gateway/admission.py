@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from server.gateway.engine import Engine, EngineStep
-from server.gateway.errors import APIError, ClientGone, shutting_down
+from server.gateway.errors import APIError, ClientGone, engine_unavailable, shutting_down
 from server.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("dsv2.admission")
@@ -36,9 +36,8 @@ class Slot:
         self.cost = cost
         self.engine_ids = engine_ids
         self.pending = set(engine_ids)
-        self.failed = (
-            False  # the engine side failed (the stream reports it); what is left is aborted as "error"
-        )
+        # The engine side failed (the stream reports it); what is left is aborted as "error".
+        self.failed = False
 
     async def track(self, steps: AsyncIterator, engine_id: str | None = None) -> AsyncIterator:
         """Pass `steps` through, marking engine requests finished: (index, step) pairs from generate_many, or
@@ -62,9 +61,8 @@ class Admission:
         self.sequences = 0
         self.slots: dict[str, Slot] = {}
         self.draining = False
-        self.busy_since: float | None = (
-            None  # monotonic time the first of the current in-flight requests came
-        )
+        # monotonic time the first of the current in-flight requests came; None while idle
+        self.busy_since: float | None = None
         self._aborts: set[asyncio.Task] = set()
 
     @property
@@ -74,9 +72,8 @@ class Admission:
     @asynccontextmanager
     async def slot(self, cost: int, request_id: str, engine_requests: int = 1) -> AsyncIterator[Slot]:
         slot = self._admit(cost, request_id, engine_requests)
-        reason = (
-            "client_disconnected"  # a normal exit with engine requests pending: the stream was not read out
-        )
+        # A normal exit with engine requests pending: the stream was not read out.
+        reason = "client_disconnected"
         try:
             yield slot
         except (ClientGone, asyncio.CancelledError):
@@ -115,7 +112,7 @@ class Admission:
             raise shutting_down()
         if self.engine.is_dead:
             self.metrics.rejected.labels("engine_unavailable").inc()
-            raise APIError("the engine is not available", 503, code="engine_unavailable")
+            raise engine_unavailable()
         if self.sequences + cost > self.budget:
             self.metrics.rejected.labels("overloaded").inc()
             raise APIError(

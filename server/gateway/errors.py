@@ -1,7 +1,7 @@
 """Exceptions -> OpenAI error JSON: {"error": {"message", "type", "param", "code"}} for every status.
 
-Engine exceptions raised anywhere in serving become their HTTP status here, so no serving function needs a
-try/except of its own. Unexpected exceptions are answered by the middleware (with the request id).
+An engine's rejection of a request (EngineRejected) becomes a 400 here; failures after admission are shaped by
+render.failure. Unexpected exceptions are answered by the middleware (with the request id).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from server.gateway.engine import EngineDead, EngineFailed, EngineRejected, RequestAborted
+from server.gateway.engine import EngineRejected
 
 log = logging.getLogger("dsv2.errors")
 
@@ -151,22 +151,6 @@ def install_handlers(app: FastAPI) -> None:
     async def _rejected(request: Request, exc: EngineRejected) -> Response:
         return APIError(str(exc), param=exc.param).response(request.url.path)
 
-    @app.exception_handler(EngineDead)
-    async def _dead(request: Request, exc: EngineDead) -> Response:
-        log.error("engine dead: %s", exc)
-        return APIError("the engine is not available", 503, code="engine_unavailable").response(
-            request.url.path
-        )
-
-    @app.exception_handler(EngineFailed)
-    async def _failed(request: Request, exc: EngineFailed) -> Response:
-        log.error("engine failed the request: %s", exc)
-        return engine_failure(exc).response(request.url.path)
-
-    @app.exception_handler(RequestAborted)
-    async def _aborted(request: Request, exc: RequestAborted) -> Response:
-        return shutting_down().response(request.url.path)
-
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; the access log and metrics do
@@ -174,6 +158,10 @@ def install_handlers(app: FastAPI) -> None:
 
 def shutting_down() -> APIError:
     return APIError("the server is shutting down; retry on another replica", 503, code="shutting_down")
+
+
+def engine_unavailable() -> APIError:
+    return APIError("the engine is not available", 503, code="engine_unavailable")
 
 
 def engine_failure(exc: Exception) -> APIError:

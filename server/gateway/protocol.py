@@ -227,7 +227,7 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
     tools = _tools(req.tools)
     choice = _tool_choice(req, tools)
     messages = normalize_messages(req.messages)
-    options = _options(req, n)
+    options = _options(req, n, limits.vocab_size)
     options.logprobs = (req.top_logprobs or 0) if req.logprobs else None
     options.structural_tag = _response_format(req)
     if choice is not None:
@@ -303,7 +303,7 @@ def completion_plan(req: CompletionRequest, limits: Limits) -> Plan:
         )
     prompts = _prompt_list(req.prompt, limits.vocab_size)
     _check_sequences(len(prompts) * n, "prompt" if len(prompts) > 1 else "n", limits)
-    options = _options(req, n)
+    options = _options(req, n, limits.vocab_size)
     echo = bool(req.echo)
     options.logprobs = req.logprobs
     options.prompt_logprobs = req.logprobs if (echo and req.logprobs is not None) else None
@@ -397,7 +397,7 @@ def _context_budget(prompt_len: int, requested: int | None, param: str, limit: i
     return requested
 
 
-def _options(req: ChatCompletionRequest | CompletionRequest, n: int) -> SamplingOptions:
+def _options(req: ChatCompletionRequest | CompletionRequest, n: int, vocab_size: int) -> SamplingOptions:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return SamplingOptions(
         max_tokens=0,  # decided per prompt by sampling_options()
@@ -411,32 +411,29 @@ def _options(req: ChatCompletionRequest | CompletionRequest, n: int) -> Sampling
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty or 1.0,
-        logit_bias=_logit_bias(req.logit_bias),
+        logit_bias=_logit_bias(req.logit_bias, vocab_size),
         ignore_eos=bool(req.ignore_eos),
         min_tokens=req.min_tokens or 0,
         stream=bool(req.stream),
     )
 
 
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
     if not bias:
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
         try:
-            out[int(key)] = value
+            token = int(key)
         except ValueError:
             raise APIError(f"logit_bias keys must be token ids; got {key!r}", param="logit_bias") from None
-    return out
-
-
-def check_vocab(options: SamplingOptions, vocab_size: int) -> None:
-    for token in options.logit_bias or {}:
         if not 0 <= token < vocab_size:
             raise APIError(
                 f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})",
                 param="logit_bias",
             )
+        out[token] = value
+    return out
 
 
 def _response_format(req: ChatCompletionRequest) -> str | None:

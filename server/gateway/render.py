@@ -27,7 +27,7 @@ from server.gateway.engine import (
     RequestAborted,
     TokenLogprob,
 )
-from server.gateway.errors import APIError, engine_failure, shutting_down
+from server.gateway.errors import APIError, engine_failure, engine_unavailable, shutting_down
 from server.gateway.metrics import RequestTimer
 
 log = logging.getLogger("dsv2.render")
@@ -86,7 +86,7 @@ def failure(exc: BaseException, timer: RequestTimer) -> APIError:
         return shutting_down()
     if isinstance(exc, EngineDead):
         timer.failed("engine_dead")
-        return APIError("the engine is not available", 503, code="engine_unavailable")
+        return engine_unavailable()
     if isinstance(exc, APIError):
         return exc
     timer.failed("engine_error")

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -35,7 +35,7 @@ INLINE_TOKENIZE_CHARS = 8192
 
 @dataclass
 class Services:
-    """What serving uses, built once by the app's lifespan."""
+    """What serving uses, built once by the app's lifespan (after the engine has started)."""
 
     settings: Settings
     engine: Engine
@@ -44,10 +44,11 @@ class Services:
     metrics: GatewayMetrics
     model_name: str
     created: int
+    limits: protocol.Limits = field(init=False)
 
-    def limits(self) -> protocol.Limits:
+    def __post_init__(self) -> None:
         s = self.settings
-        return protocol.Limits(
+        self.limits = protocol.Limits(
             model_names=(self.model_name, s.model),
             max_model_len=self.engine.max_model_len,
             vocab_size=len(self.template.tokenizer),
@@ -57,9 +58,8 @@ class Services:
 
 
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
-    limits = svc.limits()
+    limits = svc.limits
     plan = protocol.chat_plan(req, limits)
-    protocol.check_vocab(plan.options, limits.vocab_size)
     timer = RequestTimer(svc.metrics, "/v1/chat/completions")
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
@@ -77,7 +77,7 @@ async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request,
 
 async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, request_id: str) -> Response:
     """Anthropic's Messages API: the chat path, in Anthropic's shapes."""
-    limits = svc.limits()
+    limits = svc.limits
     plan = protocol.chat_plan(anthropic.to_chat(req), limits)
     timer = RequestTimer(svc.metrics, "/v1/messages")
     with_tools = plan.tool_choice is not None
@@ -95,7 +95,7 @@ async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, 
 
 
 async def count_tokens(svc: Services, req: anthropic.CountTokensRequest) -> dict:
-    plan = protocol.chat_plan(anthropic.to_chat(req), svc.limits())
+    plan = protocol.chat_plan(anthropic.to_chat(req), svc.limits)
     return {"input_tokens": len(await _encode_chat(svc, plan))}
 
 
@@ -118,9 +118,8 @@ async def _encode_chat(svc: Services, plan: protocol.Plan) -> list[int]:
 async def completion(
     svc: Services, req: protocol.CompletionRequest, raw: Request, request_id: str
 ) -> Response:
-    limits = svc.limits()
+    limits = svc.limits
     plan = protocol.completion_plan(req, limits)
-    protocol.check_vocab(plan.options, limits.vocab_size)
     timer = RequestTimer(svc.metrics, "/v1/completions")
     async with AsyncExitStack() as owner:
         slot = await owner.enter_async_context(
@@ -154,7 +153,7 @@ def models(svc: Services) -> dict:
 
 
 def model(svc: Services, model_id: str) -> dict:
-    protocol.check_model(model_id, svc.limits())
+    protocol.check_model(model_id, svc.limits)
     return render.model_card(svc.model_name, svc.created, svc.engine.max_model_len)
 
 
