@@ -718,10 +718,15 @@ def small_server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     srv.stop()
 
 
+# One client shared by the load threads: a client per thread loads the CA bundle each time, and 32 of those at
+# once hold the test process's GIL long enough to show up as server latency in the probe timings.
+_LOAD_CLIENT = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+
+
 def _stream_text(url: str, max_tokens: int, results: list, started: threading.Event | None = None) -> None:
     body = {"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
+        with _LOAD_CLIENT.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 r.read()
                 results.append((r.status_code, r.headers.get("retry-after"), r.text))
@@ -742,12 +747,13 @@ def test_saturation_ready_holds_only_200_and_429(small_server):
     results: list = []
     probes: list[tuple[int, float]] = []
     done = threading.Event()
+    prober_client = httpx.Client(timeout=5)
 
     def probe() -> None:
         while not done.is_set():
             start = time.monotonic()
             try:
-                status = httpx.get(f"{url}/ready", timeout=5).status_code
+                status = prober_client.get(f"{url}/ready").status_code
             except httpx.HTTPError:
                 status = 0
             probes.append((status, time.monotonic() - start))
@@ -770,6 +776,7 @@ def test_saturation_ready_holds_only_200_and_429(small_server):
         t.join(300)
     done.set()
     prober.join()
+    prober_client.close()
 
     statuses = [r[0] for r in results]
     assert len(results) == 32 and set(statuses) <= {200, 429}, results
