@@ -403,6 +403,66 @@ def test_engine_error_mid_stream_is_an_error_event(tiny_lite_dir):
         assert c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1}).status_code == 200
 
 
+def _response_events(text: str) -> list[dict]:
+    """A /v1/responses stream: `event:` names equal to the data's type, sequence numbers 0, 1, 2, ..."""
+    kinds = [line[len("event: ") :] for line in text.splitlines() if line.startswith("event: ")]
+    events = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == kinds
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    if openai_schema.SPEC_PATH.exists():
+        for e in events:
+            openai_schema.validate("ResponseStreamEvent", e)
+    return events
+
+
+def test_responses_engine_error_mid_stream_is_response_failed(tiny_lite_dir):
+    with make_client(tiny_lite_dir, engine=FakeEngine(fail_after=2)) as c:
+        r = c.post("/v1/responses", json={"model": MODEL, "input": "hi", "stream": True})
+        events = _response_events(r.text)
+        assert [e["type"] for e in events[-3:]] == [
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.failed",
+        ]
+        failed = events[-1]["response"]
+        assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+        assert failed["output"][0]["status"] == "incomplete"
+        assert failed["output"][0]["content"][0]["text"] == "Hello from"
+        ok = c.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 1})
+        assert ok.status_code == 200 and ok.json()["status"] == "incomplete"
+
+
+def test_responses_text_then_calls_are_separate_items(tiny_lite_dir):
+    """Text, then two calls: three output items, each opened and closed in order, streamed as in the body."""
+    words = [
+        "Checking.",
+        '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": {"x": 2}}</tool_call>',
+    ]
+    tool = {
+        "type": "function",
+        "name": "f",
+        "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}},
+    }
+    body = {"model": MODEL, "input": "hi", "tools": [tool]}
+    with make_client(tiny_lite_dir, engine=FakeEngine(words=words)) as c:
+        whole = c.post("/v1/responses", json=body).json()
+        events = _response_events(c.post("/v1/responses", json={**body, "stream": True}).text)
+    assert [(i["type"], i.get("arguments")) for i in whole["output"]] == [
+        ("message", None),
+        ("function_call", '{"x": 1}'),
+        ("function_call", '{"x": 2}'),
+    ]
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [e["output_index"] for e in added] == [e["output_index"] for e in done] == [0, 1, 2]
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed"
+    strip = lambda items: [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in items]  # noqa: E731
+    assert strip(final["output"]) == strip(whole["output"])
+    assert [e["item"]["status"] for e in done] == ["completed"] * 3
+
+
 def test_draining_refuses_new_requests(tiny_lite_dir):
     with make_client(tiny_lite_dir) as c:
         c.app.state.admission.begin_drain()

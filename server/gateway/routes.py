@@ -7,7 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import JSONResponse, Response
 
 from server import __version__
-from server.gateway import anthropic, serving
+from server.gateway import anthropic, responses, serving
 from server.gateway import protocol as p
 from server.gateway.errors import APIError
 from server.gateway.health import Health
@@ -72,6 +72,19 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
 @router.post("/v1/completions", responses=_stream_response(p.Completion), response_model=None)
 async def completions(body: p.CompletionRequest, request: Request) -> Response:
     return await serving.completion(services(request), body, request, request_id(request))
+
+
+@router.post(
+    "/v1/responses",
+    response_model=None,
+    summary="OpenAI Responses API, stateless (store, previous_response_id, background: 400).",
+    responses={
+        200: {"description": "A Response, or with `stream: true` its typed events (`event: response.*`)."},
+        **_ERRORS,
+    },
+)
+async def create_response(body: responses.ResponsesRequest, request: Request) -> Response:
+    return await serving.create_response(services(request), body, request, request_id(request))
 
 
 @router.post(

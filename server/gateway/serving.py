@@ -19,10 +19,10 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.gateway import anthropic, protocol, render
+from server.gateway import anthropic, protocol, render, responses
 from server.gateway.admission import Admission, Slot
 from server.gateway.engine import Engine, EngineDead, EngineFailed, RequestAborted, generate_many
-from server.gateway.errors import ClientGone
+from server.gateway.errors import APIError, ClientGone
 from server.gateway.metrics import GatewayMetrics, RequestTimer
 from server.gateway.template import ChatTemplate
 from server.settings import Settings
@@ -92,6 +92,31 @@ async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, 
             return render.SSEResponse(events, owner.pop_all())
         results = await until_disconnected(raw, render.collect(_indexed(steps), 1, 1, timer))
         return JSONResponse(anthropic.message_body(msg_id, svc.model_name, results[0], with_tools))
+
+
+async def create_response(
+    svc: Services, req: responses.ResponsesRequest, raw: Request, request_id: str
+) -> Response:
+    """OpenAI's Responses API, stateless: the chat path, in the Response shapes; errors name its parameters."""
+    limits = svc.limits
+    tr = responses.to_chat(req)
+    try:
+        plan = protocol.chat_plan(tr.chat, limits)
+        timer = RequestTimer(svc.metrics, "/v1/responses")
+        with_tools = plan.tool_choice is not None
+        async with AsyncExitStack() as owner:
+            _, prompt, steps = await _start_chat(svc, plan, limits, owner, f"resp-{request_id}")
+            shell = responses.Shell(responses.response_id(), svc.model_name, req, tr)
+            if plan.stream:
+                first = await until_disconnected(raw, _first_step(steps, timer))
+                events = responses.response_events(
+                    _prepend(first, steps), shell, len(prompt), with_tools, timer
+                )
+                return render.SSEResponse(events, owner.pop_all())
+            results = await until_disconnected(raw, render.collect(_indexed(steps), 1, 1, timer))
+            return JSONResponse(responses.response_body(shell, results[0], with_tools))
+    except APIError as exc:
+        raise responses.renamed(exc, tr.source) from None
 
 
 async def count_tokens(svc: Services, req: anthropic.CountTokensRequest) -> dict:
