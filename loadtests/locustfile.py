@@ -27,6 +27,17 @@ then only applies when the locustfile itself raised. The aggregate output tokens
 tokens / (last request - start of the stats).
 
 LOADTEST_SHAPE=step or ramp picks a load shape that reads -u/-r/-t (see StepShape, RampShape).
+
+Open loop and workloads (environment, read when locust loads this file, since they pick the user classes):
+  LOADTEST_RATES=2,4,8       an open-loop sweep: ArrivalUser fires streamed completions at Poisson (or, with
+                             LOADTEST_ARRIVAL=constant, evenly spaced) arrival times, each rate for
+                             LOADTEST_RUN_TIME (30s), draining between rates (SweepShape, loadtests/sweep.py);
+                             writes sweep.json, requests.jsonl, PNG plots and report.html (loadtests/report.py)
+                             into --report-dir. -u and -t do not apply.
+  LOADTEST_INPUT_LEN / LOADTEST_OUTPUT_LEN   random-token prompts of exact lengths (ignore_eos);
+  LOADTEST_DATASET=file.json                 a ShareGPT file (loadtests/workloads.py).
+With a workload and no rates, WorkloadUser (-u users, closed loop) streams it instead of the three users below.
+Prompts are checked against the server's max_model_len (GET /v1/models) before the run starts.
 """
 
 from __future__ import annotations
@@ -35,22 +46,32 @@ import json
 import math
 import os
 import random
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gevent.lock
-from locust import HttpUser, LoadTestShape, events, task
+import gevent.pool
+import report
+import requests
+import sweep as sweeps
+import workloads
+from locust import HttpUser, LoadTestShape, User, events, task
 from locust import log as locust_log
 from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, LocalRunner, WorkerRunner
 from locust.stats import RequestStats, StatsEntry, calculate_response_time_percentile
+from locust.util.timespan import parse_timespan
+from urllib3 import PoolManager
+from workloads import Request, WorkloadError
 
 DEFAULT_TARGET = "http://127.0.0.1:8000"
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 # request_type of the per-token measurements; kept out of the Aggregated row.
-METRIC_TYPES = frozenset({"TTFT", "ITL", "TOK/S"})
+METRIC_TYPES = frozenset({"TTFT", "TPOT", "ITL", "TOK/S"})
 SLO_FAILED_EXIT_CODE = 1
 _REPORT: list[str] = []  # the summary lines, kept from `quitting` until `quit`
 
@@ -106,6 +127,42 @@ def add_arguments(parser) -> None:
         type=int,
         default=4,
         help="LOADTEST_SHAPE=step only: number of equal steps up to --users.",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        env_var="LOADTEST_TOKENIZER",
+        default="",
+        help="The served model's tokenizer (directory or hub id): counts prompts against the context, draws "
+        "random tokens from its vocabulary. Empty = text prompts go unchecked, random ids from 100..999.",
+    )
+    parser.add_argument(
+        "--arrival",
+        env_var="LOADTEST_ARRIVAL",
+        default="poisson",
+        choices=sweeps.ARRIVALS,
+        help="LOADTEST_RATES only: arrival process, poisson (exponential gaps) or constant (even gaps).",
+    )
+    parser.add_argument(
+        "--seed",
+        env_var="LOADTEST_SEED",
+        type=int,
+        default=0,
+        help="Seed of the random prompts and arrival times.",
+    )
+    for slo in ("ttft", "tpot", "e2e"):
+        parser.add_argument(
+            f"--goodput-{slo}-ms",
+            env_var=f"LOADTEST_GOODPUT_{slo.upper()}_MS",
+            type=float,
+            default=None,
+            help=f"Goodput: a request counts as good only when its {slo.upper()} is at most this (ms).",
+        )
+    parser.add_argument(
+        "--report-dir",
+        env_var="LOADTEST_REPORT_DIR",
+        default="",
+        help="Where a sweep writes sweep.json, requests.jsonl, its plots and report.html; default: the folder "
+        "of --csv, else reports/loadtest.",
     )
     parser.add_argument(
         "--slo-ttft-p95-ms",
@@ -190,12 +247,82 @@ def keep_metrics_out_of_totals(stats: RequestStats) -> None:
     stats.log_request = log  # type: ignore[method-assign]
 
 
+# Read when locust loads this file, since they pick the user classes (bottom of the file), as LOADTEST_SHAPE
+# picks the shape: an open-loop sweep, and a workload other than the bundled prompt mix.
+RATES = os.environ.get("LOADTEST_RATES", "").strip()
+WORKLOAD = {k: os.environ.get(f"LOADTEST_{k}", "").strip() for k in ("INPUT_LEN", "OUTPUT_LEN", "DATASET")}
+SWEEP: sweeps.Sweep | None = None  # built by on_init when RATES is set
+
+
 @events.init.add_listener
 def on_init(environment: Environment, **_kwargs: Any) -> None:
+    global SWEEP
     keep_metrics_out_of_totals(environment.stats)
     opts = _options(environment)
     _think_time(opts.think_time)  # fail at start, not in every user
-    OpenAIUser.prompts = load_prompts(opts.prompts)
+    try:
+        OpenAIUser.next_request = request_source(opts, environment.host or OpenAIUser.host)
+        if RATES:
+            SWEEP = sweeps.Sweep(
+                _numbers("LOADTEST_RATES", RATES, float),
+                parse_timespan(os.environ.get("LOADTEST_RUN_TIME") or "30s"),
+                opts.arrival,
+                drain_timeout=opts.request_timeout,
+                seed=opts.seed,
+            )
+    except (ValueError, OSError) as exc:  # WorkloadError included: the run stops before it starts
+        print(f"locustfile: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _numbers(name: str, text: str, kind: type) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected comma-separated numbers") from None
+
+
+def server_context(host: str, api_key: str, timeout: float) -> int | None:
+    """max_model_len of the first model of GET /v1/models (vLLM's and our server report it), else None."""
+    url = f"{host.rstrip('/')}/v1/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = requests.get(url, headers=headers, timeout=timeout)
+        resp.raise_for_status()
+        return resp.json()["data"][0].get("max_model_len")
+    except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise WorkloadError(f"cannot read max_model_len from {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def request_source(opts: Any, host: str) -> Callable[[], Request]:
+    """What each request sends: the workload, checked against the server's context."""
+    input_len, output_len = (
+        _numbers(f"LOADTEST_{k}", WORKLOAD[k] or "0", int)[0] for k in ("INPUT_LEN", "OUTPUT_LEN")
+    )
+    tokenizer = workloads.load_tokenizer(opts.tokenizer) if opts.tokenizer else None
+    max_model_len = None
+    if RATES or any(WORKLOAD.values()) or tokenizer is not None:
+        max_model_len = server_context(
+            host, opts.api_key or os.environ.get("OPENAI_API_KEY", ""), opts.request_timeout
+        )
+    if input_len:
+        stream = workloads.random_requests(input_len, output_len or 128, max_model_len, tokenizer, opts.seed)
+        return lambda: next(stream)
+    if WORKLOAD["DATASET"]:
+        reqs = workloads.sharegpt_requests(WORKLOAD["DATASET"], tokenizer, output_len or None)
+    else:
+        reqs = workloads.prompt_file_requests(load_prompts(opts.prompts), opts.max_tokens, output_len or None)
+    if tokenizer is not None and max_model_len is not None:
+        reqs, dropped = workloads.fit(reqs, max_model_len, workloads.token_counter(tokenizer))
+        if dropped:
+            print(
+                f"locustfile: left out {len(dropped)} prompt(s) that do not fit the server's context of "
+                f"{max_model_len} tokens: " + "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+    rng = random.Random(opts.seed)
+    return lambda: rng.choice(reqs)
 
 
 def _merged(stats: RequestStats, method: str) -> StatsEntry:
@@ -291,6 +418,8 @@ def on_quitting(environment: Environment, **_kwargs: Any) -> None:
         *(f"  SLO {name:<16} {text:<40} {'PASS' if ok else 'FAIL'}" for name, text, ok in checks),
         f"  SLO verdict: {'PASS' if passed else 'FAIL'}",
     ]
+    if SWEEP is not None:
+        lines += write_sweep(SWEEP, opts)
     _REPORT[:] = lines  # printed by on_quit, below locust's own final tables
     if getattr(opts, "csv_prefix", None):
         path = Path(f"{opts.csv_prefix}_summary.json")
@@ -304,6 +433,38 @@ def on_quitting(environment: Environment, **_kwargs: Any) -> None:
         environment.process_exit_code = 0
 
 
+def write_sweep(sweep: sweeps.Sweep, opts: Any) -> list[str]:
+    """sweep.json, requests.jsonl, the plots and report.html into --report-dir; the summary lines."""
+    csv_dir = Path(opts.csv_prefix).parent if getattr(opts, "csv_prefix", None) else None
+    out = Path(opts.report_dir or csv_dir or "reports/loadtest")
+    out.mkdir(parents=True, exist_ok=True)
+    slos = sweeps.Goodput(opts.goodput_ttft_ms, opts.goodput_tpot_ms, opts.goodput_e2e_ms)
+    phases = [p for p in sweep.phases if p.start]
+    rows = [sweeps.summarize(p, sweep.arrival, slos) for p in phases]
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with open(out / "requests.jsonl", "w") as f:
+        for p in phases:
+            for r in p.records:
+                f.write(json.dumps(sweeps.request_row(p, r, slos)) + "\n")
+    lines = [f"  rate sweep ({sweep.arrival}): {out}/sweep.json"]
+    for row in rows:
+        lines.append(
+            f"    {row['rate']:g} req/s: {row['requests']} requests, {row['failures']} failed, "
+            f"TTFT p50/p99 {_ms(row['ttft_ms'])}, TPOT p50/p99 {_ms(row['tpot_ms'])}, "
+            f"{row['output_tok_s']:.1f} output tok/s, goodput {row['goodput']:.0%}"
+        )
+    try:
+        report.render(out, rows, [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()])
+        lines.append(f"  plots and {out}/report.html written")
+    except ImportError as exc:
+        lines.append(f"  no plots ({exc}): pip install matplotlib, then python loadtests/report.py {out}")
+    return lines
+
+
+def _ms(p: dict[str, float | None]) -> str:
+    return "/".join("-" if p[q] is None else f"{p[q]:.0f}" for q in ("p50", "p99")) + " ms"
+
+
 @events.quit.add_listener
 def on_quit(exit_code: int, **_kwargs: Any) -> None:
     if _REPORT:
@@ -314,11 +475,11 @@ def on_quit(exit_code: int, **_kwargs: Any) -> None:
 
 
 class OpenAIUser(HttpUser):
-    """Shared plumbing: model discovery, auth, prompt choice, SSE parsing, metric events."""
+    """Shared plumbing: model discovery, auth, request bodies, SSE parsing, metric events."""
 
     abstract = True
     host = os.environ.get("DSV2_TARGET") or DEFAULT_TARGET
-    prompts: list[dict[str, Any]] = []
+    next_request: Callable[[], Request]  # the workload, set by on_init
     model: str | None = None  # resolved once per process
     _model_lock = gevent.lock.Semaphore()
 
@@ -328,7 +489,6 @@ class OpenAIUser(HttpUser):
     def on_start(self) -> None:
         opts = _options(self.environment)
         self.timeout = opts.request_timeout
-        self.max_tokens_cap = opts.max_tokens
         key = opts.api_key or os.environ.get("OPENAI_API_KEY", "")
         if key:
             self.client.headers["Authorization"] = f"Bearer {key}"
@@ -346,26 +506,23 @@ class OpenAIUser(HttpUser):
                 resp.failure(f"cannot discover the model: {_http_error(resp)}")
         raise StopUser()
 
-    def _prompt(self) -> tuple[dict[str, Any], int]:
-        p = random.choice(self.prompts)
-        cap = self.max_tokens_cap
-        return p, min(p["max_tokens"], cap) if cap > 0 else p["max_tokens"]
+    def _body(self, r: Request, stream: bool, **fields: Any) -> dict[str, Any]:
+        body = {"model": self.model, **fields, "max_tokens": r.max_tokens, "stream": stream}
+        if r.ignore_eos:
+            body["ignore_eos"] = True  # a vLLM extra: exactly max_tokens tokens
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
 
     def _chat_body(self, stream: bool) -> dict[str, Any]:
-        p, max_tokens = self._prompt()
-        messages = [{"role": "system", "content": p["system"]}] if p.get("system") else []
-        messages.append({"role": "user", "content": p["prompt"]})
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "stream": stream}
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
+        r = OpenAIUser.next_request()
+        messages = [{"role": "system", "content": r.system}] if r.system else []
+        messages.append({"role": "user", "content": r.prompt})
+        return self._body(r, stream, messages=messages)
 
     def _completion_body(self, stream: bool) -> dict[str, Any]:
-        p, max_tokens = self._prompt()
-        body = {"model": self.model, "prompt": p["prompt"], "max_tokens": max_tokens, "stream": stream}
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
+        r = OpenAIUser.next_request()
+        return self._body(r, stream, prompt=r.prompt)
 
     def _metric(self, kind: str, scenario: str, value: float, size: int = 0) -> None:
         self.environment.events.request.fire(
@@ -377,20 +534,20 @@ class OpenAIUser(HttpUser):
             context={},
         )
 
-    def stream(self, path: str, body: dict[str, Any], scenario: str) -> None:
+    def stream(self, path: str, body: dict[str, Any], scenario: str) -> sweeps.Record:
         """POST with stream=true; the request is recorded once, with its end-to-end time, when the block ends."""
         start = time.perf_counter()
         first = last = None
         gaps: list[float] = []
         chunks = nbytes = 0
         usage = None
+        ok = False
         with self.client.post(
             path, json=body, name=scenario, stream=True, catch_response=True, timeout=self.timeout
         ) as resp:
             try:
                 if resp.status_code != 200:
-                    resp.failure(_http_error(resp))
-                    return
+                    raise _Failed(_http_error(resp))
                 done = False
                 for line in resp.iter_lines(chunk_size=None):
                     nbytes += len(line) + 1
@@ -402,8 +559,7 @@ class OpenAIUser(HttpUser):
                         break
                     event = json.loads(data)
                     if event.get("error"):
-                        resp.failure(f"error event in stream: {event['error']}")
-                        return
+                        raise _Failed(f"error event in stream: {event['error']}")
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or []:
                         text = (
@@ -420,23 +576,39 @@ class OpenAIUser(HttpUser):
                             last = now
                             chunks += 1
                 if not done:
-                    resp.failure("stream ended without data: [DONE]")
-                    return
+                    raise _Failed("stream ended without data: [DONE]")
+                ok = True
+            except _Failed as exc:
+                resp.failure(str(exc))
             # A reset connection, a read timeout, a malformed chunk: one failed request, not a crashed user.
             except Exception as exc:
                 resp.failure(f"{type(exc).__name__}: {exc}")
-                return
             finally:
-                resp.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+                end = time.perf_counter()
+                resp.request_meta["response_time"] = (end - start) * 1000
                 resp.request_meta["response_length"] = nbytes
-        elapsed = time.perf_counter() - start
-        if first is not None:
-            self._metric("TTFT", scenario, (first - start) * 1000)
-        for gap in gaps:
-            self._metric("ITL", scenario, gap * 1000)
+        if not ok:
+            return sweeps.Record(False, start, end)
         # A random-weight model may emit EOS first: a valid, empty answer that only counts its tokens.
         tokens = usage["completion_tokens"] if usage else chunks
-        self._metric("TOK/S", scenario, tokens / elapsed, tokens)
+        record = sweeps.Record(
+            True,
+            start,
+            end,
+            ttft_ms=None if first is None else (first - start) * 1000,
+            tpot_ms=None if first is None else sweeps.tpot_ms(first, last, tokens),
+            itl_ms=[gap * 1000 for gap in gaps],
+            prompt_tokens=usage.get("prompt_tokens", 0) if usage else 0,
+            output_tokens=tokens,
+        )
+        if record.ttft_ms is not None:
+            self._metric("TTFT", scenario, record.ttft_ms, record.prompt_tokens)
+        if record.tpot_ms is not None:
+            self._metric("TPOT", scenario, record.tpot_ms)
+        for gap in record.itl_ms:
+            self._metric("ITL", scenario, gap)
+        self._metric("TOK/S", scenario, tokens / (end - start), tokens)
+        return record
 
     def call(self, path: str, body: dict[str, Any], scenario: str) -> None:
         start = time.perf_counter()
@@ -455,6 +627,10 @@ class OpenAIUser(HttpUser):
                 resp.failure(f"malformed response ({type(exc).__name__}: {exc}): {resp.text[:200]}")
                 return
         self._metric("TOK/S", scenario, tokens / (time.perf_counter() - start), tokens)
+
+
+class _Failed(Exception):
+    """A failed request, with the message locust records for it."""
 
 
 class ChatStreamUser(OpenAIUser):
@@ -483,6 +659,60 @@ class CompletionUser(OpenAIUser):
     @task
     def completion(self) -> None:
         self.call("/v1/completions", self._completion_body(stream=False), "completion")
+
+
+class WorkloadUser(OpenAIUser):
+    """Closed loop over LOADTEST_INPUT_LEN / _OUTPUT_LEN / _DATASET: streamed completions, one after another."""
+
+    abstract = True  # made concrete at the bottom of the file when a workload is set
+
+    @task
+    def completion_stream(self) -> None:
+        self.stream("/v1/completions", self._completion_body(stream=True), "completion-stream")
+
+
+class ArrivalUser(OpenAIUser):
+    """Open loop: fires each streamed completion at its arrival time, in a greenlet of its own, so requests
+    overlap as they arrive whatever earlier ones are doing. One user does it all; SweepShape sets the rate."""
+
+    abstract = True
+    pool_manager = PoolManager(
+        maxsize=1024
+    )  # a kept-alive connection per request in flight, not the default 10
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.requests = gevent.pool.Group()
+        self.phase: sweeps.Phase | None = None
+        self.next_at = 0.0
+
+    def wait_time(self) -> float:
+        # Capped, so that a new rate is noticed within 50 ms.
+        return min(0.05, max(0.0, self.next_at - time.perf_counter()))
+
+    @task
+    def arrive(self) -> None:
+        assert SWEEP is not None
+        now = time.perf_counter()
+        phase = SWEEP.firing(now)
+        if phase is None:  # draining, or between rates
+            self.next_at = now + 0.05
+            return
+        if phase is not self.phase:  # a new rate: its first request arrives at once
+            self.phase, self.next_at = phase, now
+        if now < self.next_at:
+            return
+        body = self._completion_body(stream=True)
+        phase.sent += 1
+        self.requests.spawn(self.fire, phase, body)
+        self.next_at += SWEEP.gap(phase.rate)
+
+    def fire(self, phase: sweeps.Phase, body: dict[str, Any]) -> None:
+        record = sweeps.Record(False, time.perf_counter(), time.perf_counter())
+        try:
+            record = self.stream("/v1/completions", body, phase.name)
+        finally:  # counted even if the greenlet dies, so the drain never waits for it
+            phase.records.append(record)
 
 
 def _http_error(resp: Any) -> str:
@@ -532,9 +762,29 @@ class RampShape(LoadTestShape):
         return max(1, math.ceil(users * level)), rate
 
 
+class SweepShape(LoadTestShape):
+    """LOADTEST_RATES: one ArrivalUser while the sweep runs (each rate fires, then drains); stop after the last."""
+
+    abstract = True
+
+    def tick(self) -> tuple[int, float, list[type[User]]] | None:
+        assert SWEEP is not None
+        return (1, 1, [ArrivalUser]) if SWEEP.advance(time.perf_counter()) else None
+
+
 SHAPES: dict[str, type[LoadTestShape]] = {"step": StepShape, "ramp": RampShape}
 _shape = os.environ.get("LOADTEST_SHAPE", "").strip().lower()
+if _shape and RATES:
+    raise ValueError(
+        f"LOADTEST_SHAPE={_shape!r} and LOADTEST_RATES={RATES!r}: a sweep is its own shape; set one"
+    )
 if _shape:
     if _shape not in SHAPES:
         raise ValueError(f"LOADTEST_SHAPE={_shape!r}; choose one of {sorted(SHAPES)} or leave it unset")
     SelectedShape = type(SHAPES[_shape].__name__, (SHAPES[_shape],), {"abstract": False})
+if RATES:
+    SelectedShape = type("SweepShape", (SweepShape,), {"abstract": False})
+# Only the users of the chosen load run: the open-loop one, the workload's, or the three above.
+ChatStreamUser.abstract = ChatUser.abstract = CompletionUser.abstract = bool(RATES or any(WORKLOAD.values()))
+WorkloadUser.abstract = bool(RATES) or not any(WORKLOAD.values())
+ArrivalUser.abstract = not RATES

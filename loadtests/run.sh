@@ -5,7 +5,10 @@
 #
 # Reports land in $LOADTEST_REPORT_DIR (reports/loadtest): loadtest_stats.csv, loadtest_stats_history.csv,
 # loadtest_failures.csv, loadtest_exceptions.csv, loadtest_summary.json, report.html, server.log.
-# The exit code is locust's: 0 when every SLO holds (see loadtests/locustfile.py).
+# A rate sweep (LOADTEST_RATES) writes sweep.json, requests.jsonl, throughput.png, ttft.png, tpot.png,
+# latency_hist.png and report.html there, and locust's own HTML report as locust.html.
+# The exit code is locust's: 0 when every SLO holds (see loadtests/locustfile.py); 2 when the run cannot start
+# (a workload that does not fit the server's context, say so).
 #
 # Knobs (environment):
 #   DSV2_TARGET            URL of a server that is already running: start none, test that one.
@@ -14,9 +17,14 @@
 #   LOADTEST_SERVER_ARGS   extra server flags (default "--max-model-len 2048").
 #   LOADTEST_PORT          port for the server (default: a free one).
 #   LOADTEST_USERS / LOADTEST_SPAWN_RATE / LOADTEST_RUN_TIME   locust -u / -r / -t (4 / 2 / 30s).
+#   LOADTEST_RATES         open-loop sweep over these request rates (2,4,8); LOADTEST_RUN_TIME is then per rate,
+#                          LOADTEST_ARRIVAL poisson (default) or constant.
+#   LOADTEST_INPUT_LEN / LOADTEST_OUTPUT_LEN   random-token prompts of exactly these lengths (ignore_eos).
+#   LOADTEST_DATASET       a ShareGPT-format JSON file to draw prompts from.
+#   LOADTEST_TOKENIZER     counts prompts against the context (default: the served checkpoint, when run.sh serves).
 #   LOADTEST_READY_TIMEOUT seconds to wait for the server (default 300).
 #   LOADTEST_REPORT_DIR    where the reports go (default reports/loadtest).
-# plus every LOADTEST_* variable the locustfile reads (SLOs, shape, prompts, ...).
+# plus every LOADTEST_* variable the locustfile reads (SLOs, goodput SLOs, shape, prompts, ...).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,8 +45,11 @@ if [[ ! -x $LOCUST ]]; then
     echo "run.sh: $LOCUST not found; install it with: $(dirname "$PY")/pip install 'locust>=2.30'" >&2
     exit 2
 fi
+export LOADTEST_REPORT_DIR=$REPORT_DIR
 mkdir -p "$REPORT_DIR"
-rm -f "$REPORT_DIR"/loadtest_*.csv "$REPORT_DIR"/loadtest_summary.json "$REPORT_DIR"/report.html
+rm -f "$REPORT_DIR"/loadtest_*.csv "$REPORT_DIR"/loadtest_summary.json "$REPORT_DIR"/report.html \
+    "$REPORT_DIR"/locust.html "$REPORT_DIR"/sweep.json "$REPORT_DIR"/requests.jsonl \
+    "$REPORT_DIR"/{throughput,ttft,tpot,latency_hist}.png
 
 server_pid=""
 stop_server() {
@@ -70,6 +81,7 @@ else
     if [[ ! -f $MODEL_DIR/config.json ]]; then
         "$PY" -m server tiny-model "$MODEL_DIR"
     fi
+    export LOADTEST_TOKENIZER=${LOADTEST_TOKENIZER-$MODEL_DIR}
     port=${LOADTEST_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
     target=http://127.0.0.1:$port
     name=$(basename "$MODEL_DIR")
@@ -120,10 +132,17 @@ until probe "$target$ready_path"; do
     sleep 1
 done
 
-echo "run.sh: locust -u $USERS -r $SPAWN_RATE -t $RUN_TIME against $target"
+if [[ -n ${LOADTEST_RATES:-} ]]; then
+    # The sweep is its own load shape: one open-loop user, each rate for LOADTEST_RUN_TIME, then it stops.
+    export LOADTEST_RUN_TIME=$RUN_TIME
+    echo "run.sh: open-loop sweep at $LOADTEST_RATES req/s, $RUN_TIME each, against $target"
+    load=(--html "$REPORT_DIR/locust.html")
+else
+    echo "run.sh: locust -u $USERS -r $SPAWN_RATE -t $RUN_TIME against $target"
+    load=(-u "$USERS" -r "$SPAWN_RATE" -t "$RUN_TIME" --html "$REPORT_DIR/report.html")
+fi
 rc=0
-"$LOCUST" -f loadtests/locustfile.py --host "$target" --headless --only-summary \
-    -u "$USERS" -r "$SPAWN_RATE" -t "$RUN_TIME" --stop-timeout 15 \
-    --csv "$REPORT_DIR/loadtest" --html "$REPORT_DIR/report.html" "$@" || rc=$?
+"$LOCUST" -f loadtests/locustfile.py --host "$target" --headless --only-summary --stop-timeout 15 \
+    --csv "$REPORT_DIR/loadtest" "${load[@]}" "$@" || rc=$?
 echo "run.sh: reports in $REPORT_DIR/ (report.html, loadtest_*.csv, loadtest_summary.json); locust exit code $rc"
 exit "$rc"
