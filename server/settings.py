@@ -21,8 +21,14 @@ class Settings(BaseSettings):
     model: str = Field(
         description="Model directory or Hugging Face repo id (e.g. deepseek-ai/DeepSeek-V2-Lite-Chat)."
     )
-    served_model_name: str | None = Field(
-        default=None, description="Name clients pass as `model`; default: the model's directory or repo name."
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names clients pass as `model`, comma-separated: the first is canonical, the rest aliases "
+        "(listed on /v1/models; responses report the name asked for). Default: the model's directory or repo name.",
+    )
+    hidden_model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More accepted names (e.g. gpt-4o-mini, deepseek-chat), comma-separated, not listed on /v1/models.",
     )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer path or repo id; default: the model's."
@@ -63,6 +69,29 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Accepted API keys (comma-separated in DSV2_API_KEYS); empty = no auth.",
+    )
+    api_key_file: str | None = Field(
+        default=None,
+        description="YAML/JSON file of named keys with per-key limits (a mounted Secret); see docs/api.md.",
+    )
+    cache_isolation: bool = Field(
+        default=True,
+        description="With keys: salt each key's prefix cache with its name, so keys never share KV blocks "
+        "(off: --no-cache-isolation).",
+    )
+    max_request_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Server-wide deadline of a generation request, queueing included (504 after); a request may "
+        "ask for less with the X-Request-Timeout header.",
+    )
+    force_include_usage: bool = Field(
+        default=False, description="End every stream with a usage chunk, whatever the request asks (billing)."
+    )
+    otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP endpoint for OpenTelemetry traces (e.g. http://otel-collector:4318/v1/traces); "
+        "off when unset.",
     )
     max_inflight_sequences: int = Field(
         default=256,
@@ -107,7 +136,24 @@ class Settings(BaseSettings):
         description="Seconds an idle HTTP keep-alive connection stays open; keep it above the proxy's (often 60).",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Allowed CORS origins (comma-separated); empty = CORS off."
+        default_factory=list, description="Allowed CORS origins (comma-separated, or *); empty = CORS off."
+    )
+    cors_methods: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["GET", "POST", "OPTIONS"],
+        description="Allowed CORS methods (comma-separated).",
+    )
+    cors_headers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "Authorization",
+            "Content-Type",
+            "X-Request-Id",
+            "X-Request-Timeout",
+            "x-api-key",
+            "anthropic-version",
+            "traceparent",
+            "tracestate",
+        ],
+        description="Allowed CORS request headers (comma-separated).",
     )
     playground: bool = Field(
         default=True,
@@ -119,7 +165,15 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra vLLM engine arguments, as on vLLM's command line."
     )
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator(
+        "api_keys",
+        "cors_origins",
+        "cors_methods",
+        "cors_headers",
+        "served_model_name",
+        "hidden_model_aliases",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
@@ -129,13 +183,19 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         """The name served on /v1/models: the flag, else the last path component of the model."""
-        return self.served_model_name or Path(self.model.rstrip("/")).name
+        return self.served_model_name[0] if self.served_model_name else Path(self.model.rstrip("/")).name
+
+    @property
+    def model_aliases(self) -> list[str]:
+        """Names listed on /v1/models after the canonical one."""
+        return self.served_model_name[1:]
 
 
 # flag name -> Settings field; flags default to None so that unset flags fall back to env/defaults.
 _FLAGS: list[tuple[str, dict]] = [
     ("--model", {}),
     ("--served-model-name", {}),
+    ("--hidden-model-aliases", {}),
     ("--tokenizer", {}),
     ("--tensor-parallel-size", {"type": int}),
     ("--pipeline-parallel-size", {"type": int}),
@@ -149,6 +209,10 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--host", {}),
     ("--port", {"type": int}),
     ("--api-keys", {}),
+    ("--api-key-file", {}),
+    ("--max-request-seconds", {"type": float}),
+    ("--force-include-usage", {"action": "store_const", "const": True}),
+    ("--otlp-traces-endpoint", {}),
     ("--max-inflight-sequences", {"type": int}),
     ("--max-sequences-per-request", {"type": int}),
     ("--max-buffered-tokens", {"type": int}),
@@ -158,6 +222,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--liveness-stall-seconds", {"type": float}),
     ("--timeout-keep-alive", {"type": int}),
     ("--cors-origins", {}),
+    ("--cors-methods", {}),
+    ("--cors-headers", {}),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
     ("--log-format", {"choices": ["text", "json"]}),
 ]
@@ -179,6 +245,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         const=False,
         default=None,
         help=f"{Settings.model_fields['playground'].description} [env DSV2_PLAYGROUND=false]",
+    )
+    parser.add_argument(
+        "--no-cache-isolation",
+        dest="cache_isolation",
+        action="store_const",
+        const=False,
+        default=None,
+        help=f"{Settings.model_fields['cache_isolation'].description} [env DSV2_CACHE_ISOLATION=false]",
     )
     parser.add_argument(  # the earlier name, when the budget counted requests
         "--max-concurrent-requests",

@@ -42,6 +42,7 @@ class FakeEngine:
         self.dead = False
         self.started = False
         self.progress = EngineProgress()
+        self.priority_scheduling = False
         self.aborted: list[str] = []
         self.running: set[str] = set()
         self.generated: list[str] = []  # request ids, in order

@@ -24,7 +24,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 def make_client(
     model_dir, engine: FakeEngine | None = None, max_model_len: int = 256, **settings
 ) -> TestClient:
-    s = Settings(model=str(model_dir), served_model_name=MODEL, **settings)
+    s = Settings(model=str(model_dir), **{"served_model_name": MODEL, **settings})
     engine = engine or FakeEngine(max_model_len=max_model_len)
     return TestClient(create_app(s, engine=engine), raise_server_exceptions=False)
 

@@ -101,7 +101,12 @@ def chat_reference(n: int, include_usage: bool, steps: list[EngineStep]) -> list
             }
             out.append(reference_sse({**head, "choices": [choice], **tail}))
     if include_usage:
-        usage = {"completion_tokens": tokens, "prompt_tokens": 7, "total_tokens": tokens + 7}
+        usage = {
+            "completion_tokens": tokens,
+            "prompt_tokens": 7,
+            "total_tokens": tokens + 7,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
         out.append(reference_sse({**head, "choices": [], "usage": usage}))
     return [*out, b"data: [DONE]\n\n"]
 
@@ -126,7 +131,12 @@ def completion_reference(n: int, include_usage: bool, steps: list[EngineStep]) -
             }
             out.append(reference_sse({**head, "choices": [choice], **tail}))
     if include_usage:
-        usage = {"completion_tokens": tokens, "prompt_tokens": 7, "total_tokens": tokens + 7}
+        usage = {
+            "completion_tokens": tokens,
+            "prompt_tokens": 7,
+            "total_tokens": tokens + 7,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
         out.append(reference_sse({**head, "choices": [], "usage": usage}))
     return [*out, b"data: [DONE]\n\n"]
 

@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from server.gateway.engine import Engine, EngineStep
-from server.gateway.errors import APIError, ClientGone, engine_unavailable, shutting_down
-from server.gateway.metrics import GatewayMetrics
+from server.gateway.errors import APIError, ClientGone, DeadlineExceeded, engine_unavailable, shutting_down
+from server.gateway.metrics import GatewayMetrics, RequestTimer
+from server.gateway.tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger("dsv2.admission")
 
@@ -29,27 +30,33 @@ log = logging.getLogger("dsv2.admission")
 class Slot:
     """One admitted request: its id, its cost, and its engine requests still running."""
 
-    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed")
+    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant", "timer")
 
-    def __init__(self, request_id: str, cost: int, engine_ids: list[str]) -> None:
+    def __init__(
+        self, request_id: str, cost: int, engine_ids: list[str], tenant: Tenant, timer: RequestTimer | None
+    ) -> None:
         self.request_id = request_id
         self.cost = cost
         self.engine_ids = engine_ids
         self.pending = set(engine_ids)
-        # The engine side failed (the stream reports it); what is left is aborted as "error".
-        self.failed = False
+        self.tenant = tenant
+        self.timer = timer
+        # Why the engine side failed (the stream reports it); what is left is aborted with this reason.
+        self.failed: str | None = None
 
     async def track(self, steps: AsyncIterator, engine_id: str | None = None) -> AsyncIterator:
         """Pass `steps` through, marking engine requests finished: (index, step) pairs from generate_many, or
-        plain steps of `engine_id`."""
+        plain steps of `engine_id`; prefix-cache hits are added to the request's timer."""
         try:
             async for item in steps:
                 step: EngineStep = item[1] if isinstance(item, tuple) else item
+                if step.cached_tokens and self.timer is not None:
+                    self.timer.cached_tokens += step.cached_tokens
                 if step.finished:
                     self.pending.discard(self.engine_ids[item[0]] if isinstance(item, tuple) else engine_id)
                 yield item
-        except Exception:
-            self.failed = True
+        except Exception as exc:
+            self.failed = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
             raise
 
 
@@ -70,19 +77,29 @@ class Admission:
         return not self.slots
 
     @asynccontextmanager
-    async def slot(self, cost: int, request_id: str, engine_requests: int = 1) -> AsyncIterator[Slot]:
-        slot = self._admit(cost, request_id, engine_requests)
+    async def slot(
+        self,
+        cost: int,
+        request_id: str,
+        engine_requests: int = 1,
+        tenant: Tenant = ANONYMOUS,
+        timer: RequestTimer | None = None,
+    ) -> AsyncIterator[Slot]:
+        slot = self._admit(cost, request_id, engine_requests, tenant, timer)
         # A normal exit with engine requests pending: the stream was not read out.
         reason = "client_disconnected"
         try:
             yield slot
         except (ClientGone, asyncio.CancelledError):
             raise
+        except DeadlineExceeded:
+            reason = "deadline"
+            raise
         except BaseException:
             reason = "error"
             raise
         finally:
-            self._release(slot, "error" if slot.failed else reason)
+            self._release(slot, slot.failed or reason)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -106,7 +123,9 @@ class Admission:
 
     # --- internals -------------------------------------------------------------------------------------------
 
-    def _admit(self, cost: int, request_id: str, engine_requests: int) -> Slot:
+    def _admit(
+        self, cost: int, request_id: str, engine_requests: int, tenant: Tenant, timer: RequestTimer | None
+    ) -> Slot:
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise shutting_down()
@@ -122,12 +141,23 @@ class Admission:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
+        if tenant.max_sequences is not None and tenant.sequences + cost > tenant.max_sequences:
+            self.metrics.rejected.labels("key_limit").inc()
+            self.metrics.key_rate_limited.labels(tenant.name).inc()
+            raise APIError(
+                f"key {tenant.name!r} has {tenant.sequences} of its {tenant.max_sequences} sequences in flight; this "
+                f"request needs {cost}; retry when one ends",
+                429,
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
         if request_id in self.slots:  # a client reused its X-Request-Id while the first is still running
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         engine_ids = (
             [request_id] if engine_requests == 1 else [f"{request_id}-{i}" for i in range(engine_requests)]
         )
-        slot = Slot(request_id, cost, engine_ids)
+        slot = Slot(request_id, cost, engine_ids, tenant, timer)
+        tenant.sequences += cost
         if not self.slots:
             self.busy_since = time.monotonic()
         self.slots[request_id] = slot
@@ -139,6 +169,7 @@ class Admission:
         if self.slots.pop(slot.request_id, None) is None:
             return
         self.sequences -= slot.cost
+        slot.tenant.sequences -= slot.cost
         if not self.slots:
             self.busy_since = None
         self._publish()

@@ -193,7 +193,11 @@ def message_body(msg_id: str, model: str, r: render.Result, with_tools: bool) ->
         "content": content,
         "stop_reason": stop_reason(r.finish[0], r.stop[0], bool(calls)),
         "stop_sequence": r.stop[0],
-        "usage": {"input_tokens": r.prompt_tokens, "output_tokens": r.completion_tokens},
+        "usage": {
+            "input_tokens": r.prompt_tokens,
+            "output_tokens": r.completion_tokens,
+            "cache_read_input_tokens": r.cached_tokens,
+        },
     }
 
 

@@ -26,14 +26,17 @@ from server.gateway.middleware import GatewayMiddleware
 from server.gateway.routes import router
 from server.gateway.serving import Services
 from server.gateway.template import ChatTemplate
+from server.gateway.tenants import load as load_tenants
 from server.settings import Settings
 
 log = logging.getLogger("dsv2.app")
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine)."""
+    """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine).
+    ValueError for a bad key file, before anything starts."""
     metrics = GatewayMetrics()
+    tenants = load_tenants(settings.api_keys, settings.api_key_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,8 +54,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.health = health
         await eng.start()
         app.state.services = Services(
-            settings, eng, template, admission, metrics, settings.model_name, int(time.time())
+            settings, eng, template, admission, metrics, settings.model_name, int(time.time()), tenants
         )
+        if not eng.priority_scheduling and any(t.priority for t in tenants.tenants):
+            log.warning("API keys have default priorities, but the engine schedules first come, first served: "
+                        "start with --scheduling-policy priority for them to apply")  # fmt: skip
         health.started = True
         log.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
         try:
@@ -78,7 +84,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.include_router(playground.router)
     app.add_middleware(
         GatewayMiddleware,
-        api_keys=settings.api_keys,
+        tenants=tenants,
         max_request_bytes=settings.max_request_bytes,
         metrics=metrics,
     )
@@ -88,9 +94,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-            expose_headers=["X-Request-Id", "Retry-After"],
+            allow_methods=settings.cors_methods,
+            allow_headers=settings.cors_headers,
+            expose_headers=[
+                "X-Request-Id",
+                "Retry-After",
+                *(
+                    f"x-ratelimit-{w}-{k}"
+                    for w in ("limit", "remaining", "reset")
+                    for k in ("requests", "tokens")
+                ),
+            ],
+            max_age=600,
         )
     return app
 
@@ -102,7 +117,11 @@ def run(settings: Settings) -> int:
         engine = VLLMEngine(settings)
     except SystemExit as exc:  # vLLM's parser rejected a pass-through engine flag (it printed why)
         return exc.code if isinstance(exc.code, int) else 2
-    app = create_app(settings, engine)
+    try:
+        app = create_app(settings, engine)
+    except ValueError as exc:  # a bad --api-key-file: say what is wrong, start nothing
+        log.error("%s", exc)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -71,6 +71,10 @@ class SamplingOptions:
     # Guided decoding, as an xgrammar structural tag: response_format JSON and tool calls alike (protocol.py).
     structural_tag: str | None = None
     stream: bool = True  # False: the engine may send only the final output
+    # Request-level, beside the sampler: scheduling priority (lower runs first; needs the engine's priority
+    # policy) and the prefix-cache salt (requests share cached KV blocks only with the same salt).
+    priority: int = 0
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -100,6 +104,18 @@ class EngineStep:
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
     first_token_time: float | None = None  # wall clock of the first generated token, once known
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache (first step only)
+    timings: EngineTimings | None = None  # on the last step, when the engine keeps request stats
+
+
+@dataclass
+class EngineTimings:
+    """Wall-clock seconds of a request's life in the engine: queued, first scheduled, first and last token."""
+
+    queued: float
+    scheduled: float
+    first_token: float
+    last_token: float
 
 
 @dataclass
@@ -115,6 +131,7 @@ class Engine(Protocol):
 
     max_model_len: int
     progress: EngineProgress
+    priority_scheduling: bool  # the engine orders its queue by request priority
 
     async def start(self) -> None: ...
 
@@ -204,6 +221,7 @@ class VLLMEngine:
         self.settings = settings
         self.max_model_len = 0
         self.progress = EngineProgress()
+        self.priority_scheduling = False
         self._llm = None
         # Parsed now, so that a bad pass-through flag fails before the server starts.
         self.args = build_engine_args(settings)
@@ -227,6 +245,7 @@ class VLLMEngine:
             stat_loggers=[_progress_logger_factory(self.progress)],
         )
         self.max_model_len = self._llm.model_config.max_model_len
+        self.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
 
     @property
@@ -265,7 +284,8 @@ class VLLMEngine:
         first = True
         try:
             params = _sampling_params(options)
-            async for out in llm.generate(tokens_input(prompt_token_ids), params, request_id):
+            prompt = tokens_input(prompt_token_ids, cache_salt=options.cache_salt)
+            async for out in llm.generate(prompt, params, request_id, priority=options.priority):
                 now = time.monotonic()
                 progress.last_step = now
                 choices = []
@@ -291,11 +311,18 @@ class VLLMEngine:
                     prompt_logprobs = [None] + _token_logprobs(
                         prompt_token_ids[1:], out.prompt_logprobs[1:], options.prompt_logprobs
                     )
+                cached = out.num_cached_tokens or 0 if first else None
                 first = False
                 if out.finished:
                     progress.last_success = now
                 yield EngineStep(
-                    len(prompt_token_ids), choices, out.finished, prompt_logprobs, _first_token_time(out)
+                    len(prompt_token_ids),
+                    choices,
+                    out.finished,
+                    prompt_logprobs,
+                    _first_token_time(out),
+                    cached,
+                    _timings(out) if out.finished else None,
                 )
         except EngineDeadError as exc:
             raise EngineDead(str(exc)) from exc
@@ -312,6 +339,21 @@ def _first_token_time(out: Any) -> float | None:
     latency = getattr(stats, "first_token_latency", 0.0)
     arrival = getattr(stats, "arrival_time", 0.0)
     return arrival + latency if latency and arrival else None
+
+
+def _timings(out: Any) -> EngineTimings | None:
+    """vLLM's request stats as wall clock: the engine core stamps them with time.monotonic() in another process
+    on this host, the same clock as ours, so they convert with one offset."""
+    stats = getattr(out, "metrics", None)
+    if stats is None or not getattr(stats, "queued_ts", 0.0) or not getattr(stats, "last_token_ts", 0.0):
+        return None
+    offset = time.time() - time.monotonic()
+    return EngineTimings(
+        stats.queued_ts + offset,
+        (stats.scheduled_ts or stats.queued_ts) + offset,
+        (stats.first_token_ts or stats.last_token_ts) + offset,
+        stats.last_token_ts + offset,
+    )
 
 
 def _progress_logger_factory(progress: EngineProgress):

@@ -28,9 +28,18 @@ _TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    504: "timeout_error",
     503: "server_error",
 }
 _CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class DeadlineExceeded(Exception):
+    """A request ran past its deadline (--max-request-seconds or X-Request-Timeout)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request exceeded its deadline of {seconds:g} s")
+        self.seconds = seconds
 
 
 class ClientGone(Exception):
@@ -167,6 +176,15 @@ def engine_unavailable() -> APIError:
 def engine_failure(exc: Exception) -> APIError:
     """What a client sees when the engine failed its request: no internals, a retryable 500."""
     return APIError("the engine failed to complete the request; retry it", 500, code="engine_error")
+
+
+def deadline_exceeded(exc: DeadlineExceeded) -> APIError:
+    return APIError(
+        f"{exc}; ask for fewer tokens, or a longer deadline with the X-Request-Timeout header",
+        504,
+        code="deadline_exceeded",
+        type="timeout_error",
+    )
 
 
 def internal_error() -> APIError:

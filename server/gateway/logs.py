@@ -14,7 +14,7 @@ from contextvars import ContextVar
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-_ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client")
+_ACCESS_FIELDS = ("key", "method", "path", "status", "duration_ms", "client")
 
 
 class RequestIdFilter(logging.Filter):

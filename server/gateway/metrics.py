@@ -8,14 +8,19 @@ vllm:kv_cache_usage_perc, ...) in prometheus_client's default registry, which is
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from server.gateway.tenants import Tenant
 
 # Routes with a label of their own; anything else counts as "other" (bounded label cardinality).
 ROUTES = frozenset(
     [
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/responses",
         "/v1/messages",
         "/v1/messages/count_tokens",
         "/v1/models",
@@ -94,14 +99,14 @@ class GatewayMetrics:
         )
         self.aborted = Counter(
             "dsv2_aborted_requests",
-            "Engine requests the gateway aborted, by reason (client_disconnected, drain_timeout, error).",
+            "Engine requests the gateway aborted, by reason (client_disconnected, drain_timeout, deadline, error).",
             ["reason"],
             registry=r,
         )
         self.failures = Counter(
             "dsv2_request_failures",
             "Generation requests that failed after admission, by route and reason (engine_error, engine_dead, "
-            "aborted).",
+            "aborted, deadline).",
             ["route", "reason"],
             registry=r,
         )
@@ -131,6 +136,22 @@ class GatewayMetrics:
         )
         self.prompt_tokens = Counter("dsv2_prompt_tokens", "Prompt tokens processed.", ["route"], registry=r)
         self.generation_tokens = Counter("dsv2_generation_tokens", "Tokens generated.", ["route"], registry=r)
+        # Per API key, labelled by the key's name (never the key); "anonymous" on a server without keys.
+        self.key_requests = Counter(
+            "dsv2_key_requests", "Generation requests that ended, by API key name.", ["key"], registry=r
+        )
+        self.key_prompt_tokens = Counter(
+            "dsv2_key_prompt_tokens", "Prompt tokens, by API key name.", ["key"], registry=r
+        )
+        self.key_generation_tokens = Counter(
+            "dsv2_key_generation_tokens", "Generated tokens, by API key name.", ["key"], registry=r
+        )
+        self.key_rate_limited = Counter(
+            "dsv2_key_rate_limited",
+            "Requests refused by their key's own limits (429), by API key name.",
+            ["key"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)
@@ -139,11 +160,13 @@ class GatewayMetrics:
 class RequestTimer:
     """TTFT / inter-token / end-to-end timing and token counts of one generation request."""
 
-    __slots__ = ("metrics", "route", "start", "start_wall", "last", "ttft", "itl")
+    __slots__ = ("metrics", "route", "tenant", "cached_tokens", "start", "start_wall", "last", "ttft", "itl")
 
-    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
+    def __init__(self, metrics: GatewayMetrics, route: str, tenant: Tenant | None = None) -> None:
         self.metrics = metrics
         self.route = route
+        self.tenant = tenant
+        self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache
         self.start = time.perf_counter()
         self.start_wall = time.time()
         self.last: float | None = None
@@ -170,6 +193,12 @@ class RequestTimer:
         m.e2e.labels(self.route).observe(time.perf_counter() - self.start)
         m.prompt_tokens.labels(self.route).inc(prompt_tokens)
         m.generation_tokens.labels(self.route).inc(completion_tokens)
+        if self.tenant is not None:
+            name = self.tenant.name
+            m.key_requests.labels(name).inc()
+            m.key_prompt_tokens.labels(name).inc(prompt_tokens)
+            m.key_generation_tokens.labels(name).inc(completion_tokens)
+            self.tenant.charge(prompt_tokens + completion_tokens)
 
     def failed(self, reason: str) -> None:
         self.metrics.failures.labels(self.route, reason).inc()

@@ -1,13 +1,12 @@
 """One pure-ASGI middleware for what every request goes through, and only that: its request id, API-key auth
-on /v1/*, the body-size limit, the access log, and a 500 (with the request id) for anything unexpected.
+on /v1/* (the key's tenant, its request rate and x-ratelimit-* headers), the body-size limit, the access log,
+and a 500 (with the request id) for anything unexpected.
 
 Pure ASGI (not BaseHTTPMiddleware) so streams pass through untouched and client disconnects reach the handler.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import time
@@ -19,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.gateway.errors import APIError, internal_error
 from server.gateway.logs import request_id_var
 from server.gateway.metrics import GatewayMetrics, route_label
+from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
 
 log = logging.getLogger("dsv2.errors")
 access_log = logging.getLogger("dsv2.access")
@@ -36,18 +36,16 @@ def sanitize_request_id(raw: bytes | None) -> str | None:
     return cleaned or None
 
 
-def _digest(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()
+# Requests that generate: each counts against its key's request rate.
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
 
 
 class GatewayMiddleware:
     def __init__(
-        self, app: ASGIApp, *, api_keys: list[str], max_request_bytes: int, metrics: GatewayMetrics
+        self, app: ASGIApp, *, tenants: Tenants, max_request_bytes: int, metrics: GatewayMetrics
     ) -> None:
         self.app = app
-        # Keys are kept and compared as SHA-256 digests: every comparison takes the same time whatever the key,
-        # its length, or how much of it a client guessed.
-        self.key_digests = [_digest(k.encode()) for k in api_keys]
+        self.tenants = tenants
         self.max_request_bytes = max_request_bytes
         self.metrics = metrics
 
@@ -58,20 +56,27 @@ class GatewayMiddleware:
         start = time.perf_counter()
         headers = dict(scope["headers"])
         request_id = sanitize_request_id(headers.get(b"x-request-id")) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         token = request_id_var.set(request_id)
         path: str = scope["path"]
         status_box = [0]
         rid_header = (b"x-request-id", request_id.encode())
+        tenant = ANONYMOUS if not self.tenants.enabled else self.tenants.authenticate(_offered_key(headers))
+        state["tenant"] = tenant or ANONYMOUS
+        limited = tenant is not None and path.startswith("/v1/") and (tenant.requests or tenant.tokens)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), rid_header]}
+                extra = [rid_header]
+                if limited and status_box[0] != 429:  # a 429 carries its own, from the refusal
+                    extra += [(k.encode(), v.encode()) for k, v in tenant.headers().items()]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
-            error = self._refuse(headers, path, scope["method"])
+            error = self._refuse(headers, path, scope["method"], tenant)
             if error is not None:
                 await error.response(path)(scope, _no_receive, send_with_id)
             else:
@@ -82,17 +87,25 @@ class GatewayMiddleware:
                 await internal_error().response(path)(scope, _no_receive, send_with_id)
         finally:
             request_id_var.reset(token)
-            self._record(scope, path, status_box[0] or 500, start, request_id)
+            self._record(scope, path, status_box[0] or 500, start, request_id, state["tenant"])
 
-    def _refuse(self, headers: dict[bytes, bytes], path: str, method: str) -> APIError | None:
+    def _refuse(
+        self, headers: dict[bytes, bytes], path: str, method: str, tenant: Tenant | None
+    ) -> APIError | None:
         if not path.startswith("/v1/") or method == "OPTIONS":  # probes, metrics; CORS preflight has no key
             return None
-        if self.key_digests and not self._authorized(headers):
+        if tenant is None:
             return APIError(
                 "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        if method == "POST" and path in GENERATION_PATHS:
+            try:
+                tenant.admit_request()
+            except APIError as exc:
+                self.metrics.key_rate_limited.labels(tenant.name).inc()
+                return exc
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             return APIError(
@@ -100,17 +113,6 @@ class GatewayMiddleware:
                 413,
             )
         return None
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        """`Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic clients)."""
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        if scheme.lower() != b"bearer":
-            token = headers.get(b"x-api-key", b"")
-        offered = _digest(token.strip())
-        ok = False
-        for key in self.key_digests:  # every key compared, each in constant time over equal-length digests
-            ok |= hmac.compare_digest(offered, key)
-        return ok and bool(token)
 
     def _limited(self, receive: Receive) -> Receive:
         """Bodies without (or lying about) Content-Length are counted as they arrive."""
@@ -129,20 +131,24 @@ class GatewayMiddleware:
 
         return wrapped
 
-    def _record(self, scope: Scope, path: str, status: int, start: float, request_id: str) -> None:
+    def _record(
+        self, scope: Scope, path: str, status: int, start: float, request_id: str, tenant: Tenant
+    ) -> None:
         self.metrics.requests.labels(route_label(path), scope["method"], str(status)).inc()
         if access_log.isEnabledFor(logging.INFO):
             client = scope.get("client")
             duration_ms = (time.perf_counter() - start) * 1000
             access_log.info(
-                '%s "%s %s" %d %.1fms',
+                '%s %s "%s %s" %d %.1fms',
                 client[0] if client else "-",
+                tenant.name,
                 scope["method"],
                 path,
                 status,
                 duration_ms,
                 extra={
                     "request_id": request_id,
+                    "key": tenant.name,
                     "method": scope["method"],
                     "path": path,
                     "status": status,
@@ -150,6 +156,14 @@ class GatewayMiddleware:
                     "client": client[0] if client else None,
                 },
             )
+
+
+def _offered_key(headers: dict[bytes, bytes]) -> bytes:
+    """`Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic clients)."""
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    if scheme.lower() != b"bearer":
+        token = headers.get(b"x-api-key", b"")
+    return token.strip()
 
 
 async def _no_receive() -> Message:

@@ -145,6 +145,13 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: Number | None = Field(default=None, gt=0, le=10, description=_REP)
     ignore_eos: bool | None = Field(default=False, description=_IGNORE_EOS)
     min_tokens: int | None = Field(default=None, ge=0, description=_MIN_TOKENS)
+    priority: int | None = Field(
+        default=None,
+        ge=-(2**31),
+        le=2**31 - 1,
+        description="vLLM extra: scheduling priority, lower runs first (needs --scheduling-policy priority); "
+        "default: the API key's.",
+    )
 
 
 # --- completions --------------------------------------------------------------------------------------------
@@ -177,6 +184,13 @@ class CompletionRequest(_Strict):
     repetition_penalty: Number | None = Field(default=None, gt=0, le=10, description=_REP)
     ignore_eos: bool | None = Field(default=False, description=_IGNORE_EOS)
     min_tokens: int | None = Field(default=None, ge=0, description=_MIN_TOKENS)
+    priority: int | None = Field(
+        default=None,
+        ge=-(2**31),
+        le=2**31 - 1,
+        description="vLLM extra: scheduling priority, lower runs first (needs --scheduling-policy priority); "
+        "default: the API key's.",
+    )
 
 
 # --- request -> plan -> sampling options ----------------------------------------------------------------------

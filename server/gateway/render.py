@@ -27,7 +27,14 @@ from server.gateway.engine import (
     RequestAborted,
     TokenLogprob,
 )
-from server.gateway.errors import APIError, engine_failure, engine_unavailable, shutting_down
+from server.gateway.errors import (
+    APIError,
+    DeadlineExceeded,
+    deadline_exceeded,
+    engine_failure,
+    engine_unavailable,
+    shutting_down,
+)
 from server.gateway.metrics import RequestTimer
 
 log = logging.getLogger("dsv2.render")
@@ -87,6 +94,9 @@ def failure(exc: BaseException, timer: RequestTimer) -> APIError:
     if isinstance(exc, EngineDead):
         timer.failed("engine_dead")
         return engine_unavailable()
+    if isinstance(exc, DeadlineExceeded):
+        timer.failed("deadline")
+        return deadline_exceeded(exc)
     if isinstance(exc, APIError):
         return exc
     timer.failed("engine_error")
@@ -136,11 +146,13 @@ def completion_logprobs(tokens: list[TokenLogprob | None], offset: int) -> tuple
     return out, offset
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage, with the prompt tokens the engine found in its prefix cache."""
     return {
         "completion_tokens": completion_tokens,
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -345,7 +357,8 @@ def _ending(
     timer.done(prompt_tokens, completion_tokens)
     if not include_usage:
         return DONE
-    return sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}) + DONE
+    body = {**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, timer.cached_tokens)}
+    return sse(body) + DONE
 
 
 class SSEResponse(StreamingResponse):
@@ -378,6 +391,7 @@ class Result:
     __slots__ = (
         "prompt_tokens",
         "completion_tokens",
+        "cached_tokens",
         "texts",
         "logprobs",
         "finish",
@@ -388,6 +402,7 @@ class Result:
     def __init__(self, n: int) -> None:
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.texts = [""] * n
         self.logprobs: list[list[TokenLogprob] | None] = [None] * n
         self.finish: list[str | None] = [None] * n
@@ -396,6 +411,7 @@ class Result:
 
     def add(self, step: EngineStep) -> None:
         self.prompt_tokens = step.prompt_tokens
+        self.cached_tokens += step.cached_tokens or 0
         if step.prompt_logprobs is not None:
             self.prompt_logprobs = step.prompt_logprobs
         for c in step.choices:
@@ -420,7 +436,7 @@ async def collect(
             if step.first_token_time is not None or any(c.num_tokens for c in step.choices):
                 timer.first_token_at(step.first_token_time)
             results[p].add(step)
-    except (RequestAborted, EngineDead, EngineFailed) as exc:
+    except (RequestAborted, EngineDead, EngineFailed, DeadlineExceeded) as exc:
         raise failure(exc, timer) from exc
     timer.done(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
     return results
@@ -449,7 +465,7 @@ def chat_body(env: Envelope, r: Result, with_tools: bool = False) -> JSONRespons
         {
             **env.head("chat.completion"),
             "choices": choices,
-            "usage": usage(r.prompt_tokens, r.completion_tokens),
+            "usage": usage(r.prompt_tokens, r.completion_tokens, r.cached_tokens),
         }
     )
 
@@ -476,7 +492,11 @@ def completion_body(
     prompt_tokens = sum(r.prompt_tokens for r in results)
     completion_tokens = sum(r.completion_tokens for r in results)
     return JSONResponse(
-        {**env.head("text_completion"), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+        {
+            **env.head("text_completion"),
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens, sum(r.cached_tokens for r in results)),
+        }
     )
 
 

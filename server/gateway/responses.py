@@ -146,6 +146,7 @@ class ResponsesRequest(_Strict):
     # vLLM-style extras, as on chat
     top_k: int | None = Field(default=None, ge=-1)
     ignore_eos: bool | None = None
+    priority: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1, description="As on chat.")
 
 
 # --- Responses request -> chat request ------------------------------------------------------------------------
@@ -386,10 +387,10 @@ class Shell:
         return body
 
 
-def usage(input_tokens: int, output_tokens: int) -> dict:
+def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input_tokens + output_tokens,
@@ -434,7 +435,7 @@ def response_body(shell: Shell, r: render.Result, with_tools: bool) -> dict:
     status, reason = _outcome(r.finish[0])
     output = [message_item(text, status)] if text or not calls else []
     output += [call_item(c.id, c.name, c.arguments, status) for c in calls]
-    return shell.body(status, output, usage(r.prompt_tokens, r.completion_tokens), reason)
+    return shell.body(status, output, usage(r.prompt_tokens, r.completion_tokens, r.cached_tokens), reason)
 
 
 # --- the event stream -------------------------------------------------------------------------------------------
@@ -547,4 +548,6 @@ async def response_events(
         yield out
     timer.done(prompt_tokens, output_tokens)
     kind = "response.completed" if status == "completed" else "response.incomplete"
-    yield events.response(kind, status, usage=usage(prompt_tokens, output_tokens), incomplete=reason)
+    yield events.response(
+        kind, status, usage=usage(prompt_tokens, output_tokens, timer.cached_tokens), incomplete=reason
+    )

@@ -10,6 +10,7 @@ when the stream ends.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -21,10 +22,18 @@ from starlette.responses import JSONResponse, Response
 
 from server.gateway import anthropic, protocol, render, responses
 from server.gateway.admission import Admission, Slot
-from server.gateway.engine import Engine, EngineDead, EngineFailed, RequestAborted, generate_many
-from server.gateway.errors import APIError, ClientGone
+from server.gateway.engine import (
+    Engine,
+    EngineDead,
+    EngineFailed,
+    RequestAborted,
+    SamplingOptions,
+    generate_many,
+)
+from server.gateway.errors import APIError, ClientGone, DeadlineExceeded
 from server.gateway.metrics import GatewayMetrics, RequestTimer
 from server.gateway.template import ChatTemplate
+from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
 from server.settings import Settings
 
 T = TypeVar("T")
@@ -44,12 +53,13 @@ class Services:
     metrics: GatewayMetrics
     model_name: str
     created: int
+    tenants: Tenants = field(default_factory=lambda: Tenants([]))
     limits: protocol.Limits = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.limits = protocol.Limits(
-            model_names=(self.model_name, s.model),
+            model_names=(self.model_name, *s.model_aliases, *s.hidden_model_aliases, s.model),
             max_model_len=self.engine.max_model_len,
             vocab_size=len(self.template.tokenizer),
             max_sequences=min(s.max_sequences_per_request, s.max_inflight_sequences),
@@ -60,11 +70,12 @@ class Services:
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
     limits = svc.limits
     plan = protocol.chat_plan(req, limits)
-    timer = RequestTimer(svc.metrics, "/v1/chat/completions")
+    caller = _caller(svc, raw, req.model, req.priority, plan)
+    timer = RequestTimer(svc.metrics, "/v1/chat/completions", caller.tenant)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
-        slot, _, steps = await _start_chat(svc, plan, limits, owner, f"chatcmpl-{request_id}")
-        env = render.Envelope(slot.request_id, int(time.time()), svc.model_name)
+        slot, _, steps = await _start_chat(svc, plan, caller, owner, f"chatcmpl-{request_id}", timer)
+        env = render.Envelope(slot.request_id, int(time.time()), caller.model)
         if plan.stream:
             first = await until_disconnected(raw, _first_step(steps, timer))
             events = render.chat_events(
@@ -79,19 +90,20 @@ async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, 
     """Anthropic's Messages API: the chat path, in Anthropic's shapes."""
     limits = svc.limits
     plan = protocol.chat_plan(anthropic.to_chat(req), limits)
-    timer = RequestTimer(svc.metrics, "/v1/messages")
+    caller = _caller(svc, raw, req.model, None, plan)
+    timer = RequestTimer(svc.metrics, "/v1/messages", caller.tenant)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
-        _, prompt, steps = await _start_chat(svc, plan, limits, owner, f"msg-{request_id}")
+        _, prompt, steps = await _start_chat(svc, plan, caller, owner, f"msg-{request_id}", timer)
         msg_id = anthropic.message_id()
         if plan.stream:
             first = await until_disconnected(raw, _first_step(steps, timer))
             events = anthropic.message_events(
-                _prepend(first, steps), msg_id, svc.model_name, len(prompt), with_tools, timer
+                _prepend(first, steps), msg_id, caller.model, len(prompt), with_tools, timer
             )
             return render.SSEResponse(events, owner.pop_all())
         results = await until_disconnected(raw, render.collect(_indexed(steps), 1, 1, timer))
-        return JSONResponse(anthropic.message_body(msg_id, svc.model_name, results[0], with_tools))
+        return JSONResponse(anthropic.message_body(msg_id, caller.model, results[0], with_tools))
 
 
 async def create_response(
@@ -102,11 +114,12 @@ async def create_response(
     tr = responses.to_chat(req)
     try:
         plan = protocol.chat_plan(tr.chat, limits)
-        timer = RequestTimer(svc.metrics, "/v1/responses")
+        caller = _caller(svc, raw, req.model, req.priority, plan)
+        timer = RequestTimer(svc.metrics, "/v1/responses", caller.tenant)
         with_tools = plan.tool_choice is not None
         async with AsyncExitStack() as owner:
-            _, prompt, steps = await _start_chat(svc, plan, limits, owner, f"resp-{request_id}")
-            shell = responses.Shell(responses.response_id(), svc.model_name, req, tr)
+            _, prompt, steps = await _start_chat(svc, plan, caller, owner, f"resp-{request_id}", timer)
+            shell = responses.Shell(responses.response_id(), caller.model, req, tr)
             if plan.stream:
                 first = await until_disconnected(raw, _first_step(steps, timer))
                 events = responses.response_events(
@@ -125,13 +138,21 @@ async def count_tokens(svc: Services, req: anthropic.CountTokensRequest) -> dict
 
 
 async def _start_chat(
-    svc: Services, plan: protocol.Plan, limits: protocol.Limits, owner: AsyncExitStack, request_id: str
+    svc: Services,
+    plan: protocol.Plan,
+    caller: Caller,
+    owner: AsyncExitStack,
+    request_id: str,
+    timer: RequestTimer,
 ) -> tuple[Slot, list[int], AsyncIterator]:
     """Admit, encode, start generating: the part of a chat request's life every chat-shaped API shares."""
-    slot = await owner.enter_async_context(svc.admission.slot(plan.sequences, request_id))
+    slot = await owner.enter_async_context(
+        svc.admission.slot(plan.sequences, request_id, tenant=caller.tenant, timer=timer)
+    )
     prompt = await _encode_chat(svc, plan)
-    (options,) = protocol.sampling_options(plan, [len(prompt)], limits)
-    steps = slot.track(svc.engine.generate(prompt, options, slot.engine_ids[0]), slot.engine_ids[0])
+    (options,) = caller.apply(protocol.sampling_options(plan, [len(prompt)], svc.limits))
+    engine_id = slot.engine_ids[0]
+    steps = slot.track(caller.within(svc.engine.generate(prompt, options, engine_id)), engine_id)
     return slot, prompt, steps
 
 
@@ -145,18 +166,25 @@ async def completion(
 ) -> Response:
     limits = svc.limits
     plan = protocol.completion_plan(req, limits)
-    timer = RequestTimer(svc.metrics, "/v1/completions")
+    caller = _caller(svc, raw, req.model, req.priority, plan)
+    timer = RequestTimer(svc.metrics, "/v1/completions", caller.tenant)
     async with AsyncExitStack() as owner:
         slot = await owner.enter_async_context(
-            svc.admission.slot(plan.sequences, f"cmpl-{request_id}", engine_requests=len(plan.prompts))
+            svc.admission.slot(
+                plan.sequences,
+                f"cmpl-{request_id}",
+                engine_requests=len(plan.prompts),
+                tenant=caller.tenant,
+                timer=timer,
+            )
         )
-        env = render.Envelope(slot.request_id, int(time.time()), svc.model_name)
+        env = render.Envelope(slot.request_id, int(time.time()), caller.model)
         prompts = [
             p if isinstance(p, list) else await _encode(svc.template.encode_text, p, len(p))
             for p in plan.prompts
         ]
-        options = protocol.sampling_options(plan, [len(p) for p in prompts], limits)
-        steps = slot.track(generate_many(svc.engine, prompts, options, slot.engine_ids))
+        options = caller.apply(protocol.sampling_options(plan, [len(p) for p in prompts], limits))
+        steps = slot.track(caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids)))
         echo = (
             [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
         )
@@ -173,13 +201,101 @@ async def completion(
 def models(svc: Services) -> dict:
     return {
         "object": "list",
-        "data": [render.model_card(svc.model_name, svc.created, svc.engine.max_model_len)],
+        "data": [
+            render.model_card(name, svc.created, svc.engine.max_model_len)
+            for name in (svc.model_name, *svc.settings.model_aliases)
+        ],
     }
 
 
 def model(svc: Services, model_id: str) -> dict:
     protocol.check_model(model_id, svc.limits)
-    return render.model_card(svc.model_name, svc.created, svc.engine.max_model_len)
+    return render.model_card(model_id, svc.created, svc.engine.max_model_len)
+
+
+# --- who is asking: key, model name, priority, cache salt, deadline ---------------------------------------------
+
+
+@dataclass
+class Caller:
+    """What a request's key and headers decide about it, once, before admission."""
+
+    tenant: Tenant
+    model: str  # the name the client asked for: responses report it
+    priority: int
+    cache_salt: str | None
+    timeout: float | None  # seconds, from arrival
+    start: float = field(default_factory=time.monotonic)
+
+    def apply(self, options: list[SamplingOptions]) -> list[SamplingOptions]:
+        for o in options:
+            o.priority = self.priority
+            o.cache_salt = self.cache_salt
+        return options
+
+    def within(self, steps: AsyncIterator[T]) -> AsyncIterator[T]:
+        return steps if self.timeout is None else _within(steps, self.start + self.timeout, self.timeout)
+
+
+def _caller(svc: Services, raw: Request, model: str, priority: int | None, plan: protocol.Plan) -> Caller:
+    tenant: Tenant = getattr(raw.state, "tenant", ANONYMOUS)
+    if not tenant.may_use(model, svc.model_name):
+        raise APIError(
+            f"key {tenant.name!r} may not use the model `{model}`",
+            403,
+            param="model",
+            code="model_not_allowed",
+        )
+    chosen = tenant.check_priority(priority)
+    if not svc.engine.priority_scheduling:
+        if priority:  # asked for explicitly; a key's default only applies where the engine orders by priority
+            raise APIError(
+                "priority needs the engine's priority scheduling: start the server with --scheduling-policy "
+                "priority",
+                param="priority",
+            )
+        chosen = 0
+    salt = None
+    if svc.tenants.enabled and svc.settings.cache_isolation:
+        salt = hashlib.sha256(f"dsv2-serve key {tenant.name}".encode()).hexdigest()
+    if svc.settings.force_include_usage and plan.stream:
+        plan.include_usage = True
+    return Caller(tenant, model, chosen, salt, _timeout(svc, raw))
+
+
+def _timeout(svc: Services, raw: Request) -> float | None:
+    """The request's deadline in seconds: --max-request-seconds, or less if X-Request-Timeout asks for it."""
+    limit = svc.settings.max_request_seconds
+    header = raw.headers.get("x-request-timeout")
+    if header is None:
+        return limit
+    try:
+        asked = float(header)
+    except ValueError:
+        asked = -1.0
+    if not asked > 0 or asked != asked or asked == float("inf"):
+        raise APIError(
+            f"X-Request-Timeout must be a positive number of seconds; got {header!r}",
+            param="X-Request-Timeout",
+        )
+    return asked if limit is None else min(asked, limit)
+
+
+async def _within(steps: AsyncIterator[T], deadline: float, seconds: float) -> AsyncIterator[T]:
+    """Pass `steps` through until the monotonic `deadline`; then DeadlineExceeded (the slot aborts the engine
+    request)."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(seconds)
+        try:
+            async with asyncio.timeout(remaining):
+                step = await anext(steps)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded(seconds) from None
+        yield step
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
@@ -219,7 +335,7 @@ async def _first_step(steps: AsyncIterator[T], timer: RequestTimer) -> T | None:
         return await anext(steps)
     except StopAsyncIteration:
         return None
-    except (RequestAborted, EngineDead, EngineFailed) as exc:
+    except (RequestAborted, EngineDead, EngineFailed, DeadlineExceeded) as exc:
         raise render.failure(exc, timer) from exc
 
 

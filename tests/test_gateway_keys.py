@@ -1,0 +1,267 @@
+"""Many clients on one server, over FakeEngine (HTTP unit tests only): named keys from a file, per-key limits with
+OpenAI's x-ratelimit-* headers, per-key usage in /metrics, model aliases, CORS, deadlines, priority checks and
+usage details. The same with the real engine (priority ordering, cache salts, tokens) is test_gateway_tenants.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+
+import pytest
+
+from server.gateway.app import create_app
+from server.settings import Settings
+from tests import openai_schema
+from tests.fake_engine import FakeEngine
+from tests.test_gateway_http import MODEL, assert_openai_error, make_client, sse_events
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "keys.yaml"
+    hashed = hashlib.sha256(b"sk-batch").hexdigest()
+    path.write_text(
+        "team-a: sk-a\n"
+        "team-b:\n"
+        "  key: sk-b\n"
+        "  requests_per_minute: 2\n"
+        "  models: [deepseek-chat]\n"
+        "batch:\n"
+        f"  key_sha256: {hashed}\n"
+        "  tokens_per_minute: 10\n"
+        "  max_sequences: 2\n"
+        "  priority: 5\n"
+        "  min_priority: 1\n"
+    )
+    return path
+
+
+def test_named_keys_limits_headers_and_usage(tiny_lite_dir, key_file, caplog):
+    with make_client(
+        tiny_lite_dir,
+        api_key_file=str(key_file),
+        api_keys=["sk-flat"],
+        served_model_name=f"{MODEL},deepseek-chat",
+    ) as c:
+        assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 401)
+        assert_openai_error(c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-nope")), 401)
+        with caplog.at_level(logging.INFO, logger="dsv2.access"):
+            assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-a")).status_code == 200
+        assert any("team-a" in r.getMessage() and "sk-a" not in r.getMessage() for r in caplog.records)
+        assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-flat")).status_code == 200
+        assert c.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "sk-a"}).status_code == 200
+
+        # team-b: only the alias deepseek-chat, 2 requests per minute
+        err = assert_openai_error(
+            c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-b")), 403, "model"
+        )
+        assert "team-b" in err["message"]
+        ok = c.post("/v1/chat/completions", json={**CHAT, "model": "deepseek-chat"}, headers=bearer("sk-b"))
+        assert ok.status_code == 200 and ok.json()["model"] == "deepseek-chat"  # the name asked for
+        assert ok.headers["x-ratelimit-limit-requests"] == "2"
+        assert ok.headers["x-ratelimit-remaining-requests"] == "0"
+        assert ok.headers["x-ratelimit-reset-requests"].endswith("s")
+        limited = c.post(
+            "/v1/chat/completions", json={**CHAT, "model": "deepseek-chat"}, headers=bearer("sk-b")
+        )
+        err = assert_openai_error(limited, 429)
+        assert err["code"] == "rate_limit_exceeded" and "requests per minute" in err["message"]
+        assert 1 <= int(limited.headers["retry-after"]) <= 30
+        assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+        # other keys are not affected
+        assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-a")).status_code == 200
+
+        # batch (hashed key): 10 tokens per minute, charged when a request ends; then refused
+        first = c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-batch"))
+        assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 10
+        err = assert_openai_error(c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-batch")), 429)
+        assert "tokens per minute" in err["message"]
+
+        metrics = c.get("/metrics").text
+        assert 'dsv2_key_requests_total{key="team-a"} 3.0' in metrics
+        assert 'dsv2_key_requests_total{key="key-1"} 1.0' in metrics
+        assert 'dsv2_key_rate_limited_total{key="team-b"} 1.0' in metrics
+        usage = first.json()["usage"]
+        assert f'dsv2_key_prompt_tokens_total{{key="batch"}} {float(usage["prompt_tokens"])}' in metrics
+        assert (
+            f'dsv2_key_generation_tokens_total{{key="batch"}} {float(usage["completion_tokens"])}' in metrics
+        )
+        assert "sk-" not in metrics
+
+
+def test_key_priority_default_cap_and_sequences(tiny_lite_dir, key_file):
+    engine = FakeEngine(delay=0.05)
+    engine.priority_scheduling = True
+    with make_client(tiny_lite_dir, engine=engine, api_key_file=str(key_file)) as c:
+        assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-a")).status_code == 200
+        assert engine.options[-1].priority == 0
+        c.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+            headers=bearer("sk-batch"),
+        )
+        assert engine.options[-1].priority == 5  # the key's default
+        err = assert_openai_error(
+            c.post("/v1/chat/completions", json={**CHAT, "priority": 0}, headers=bearer("sk-batch")),
+            400,
+            "priority",
+        )
+        assert "batch" in err["message"] and "1" in err["message"]
+        engine.priority_scheduling = False
+        err = assert_openai_error(
+            c.post("/v1/chat/completions", json={**CHAT, "priority": 3}, headers=bearer("sk-a")),
+            400,
+            "priority",
+        )
+        assert "--scheduling-policy priority" in err["message"]
+
+
+def test_key_concurrent_sequences(tiny_lite_dir, tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("solo:\n  key: sk-solo\n  max_sequences: 2\nother: sk-other\n")
+    engine = FakeEngine(delay=0.3)
+    with make_client(tiny_lite_dir, engine=engine, api_key_file=str(path)) as c:
+        err = assert_openai_error(
+            c.post("/v1/chat/completions", json={**CHAT, "n": 3}, headers=bearer("sk-solo")), 429
+        )
+        assert "solo" in err["message"]
+        results = []
+        t = threading.Thread(
+            target=lambda: results.append(
+                c.post("/v1/chat/completions", json={**CHAT, "n": 2}, headers=bearer("sk-solo")).status_code
+            )
+        )
+        t.start()
+        time.sleep(0.5)
+        assert_openai_error(c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-solo")), 429)
+        assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-other")).status_code == 200
+        t.join()
+        assert results == [200]
+        assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-solo")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("team: ''\n", "non-empty"),
+        ("team:\n  key: a\n  key_sha256: " + "0" * 64 + "\n", "exactly one"),
+        ("team:\n  key_sha256: abc\n", "64 hex"),
+        ("team:\n  key: a\n  requests_per_minute: 0\n", "requests_per_minute"),
+        ("team:\n  key: a\n  rpm: 5\n", "unknown field"),
+        ("a: same\nb: same\n", "two names"),
+        ("- just a list\n", "mapping"),
+        ("team: [unclosed\n", "keys.yaml"),
+    ],
+)
+def test_bad_key_file_refuses_to_start(tiny_lite_dir, tmp_path, text, needle):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=needle):
+        create_app(Settings(model=str(tiny_lite_dir), api_key_file=str(path)), engine=FakeEngine())
+
+
+def test_aliases_listed_hidden_and_reported(tiny_lite_dir):
+    with make_client(
+        tiny_lite_dir, served_model_name=f"{MODEL},deepseek-chat", hidden_model_aliases="gpt-4o-mini"
+    ) as c:
+        listed = c.get("/v1/models").json()
+        if openai_schema.SPEC_PATH.exists():
+            openai_schema.model_list(listed)
+        assert [m["id"] for m in listed["data"]] == [MODEL, "deepseek-chat"]
+        assert c.get("/v1/models/gpt-4o-mini").json()["id"] == "gpt-4o-mini"
+        for name in (MODEL, "deepseek-chat", "gpt-4o-mini"):
+            body = c.post("/v1/chat/completions", json={**CHAT, "model": name}).json()
+            assert body["model"] == name
+            chunks = sse_events(
+                c.post("/v1/completions", json={"model": name, "prompt": "x", "stream": True}).text
+            )
+            assert {ch["model"] for ch in chunks} == {name}
+        assert (
+            c.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "x"}).json()["model"]
+            == "gpt-4o-mini"
+        )
+        assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"}), 404, "model")
+
+
+def test_cors_preflight_with_authorization(tiny_lite_dir):
+    with make_client(tiny_lite_dir, cors_origins="https://app.example", api_keys=["sk-a"]) as c:
+        pre = c.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        r = c.post(
+            "/v1/chat/completions", json=CHAT, headers={**bearer("sk-a"), "Origin": "https://app.example"}
+        )
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        other = c.options(
+            "/v1/chat/completions",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    with make_client(tiny_lite_dir) as c:  # off by default
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_deadlines(tiny_lite_dir):
+    engine = FakeEngine(delay=0.2, words=["w"] * 50)
+    with make_client(tiny_lite_dir, engine=engine, max_model_len=4096, max_request_seconds=30) as c:
+        started = time.monotonic()
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Timeout": "0.5"})
+        err = assert_openai_error(r, 504)
+        assert err["code"] == "deadline_exceeded" and err["type"] == "timeout_error"
+        assert time.monotonic() - started < 3
+        stream = c.post(
+            "/v1/chat/completions", json={**CHAT, "stream": True}, headers={"X-Request-Timeout": "0.5"}
+        )
+        events = sse_events(stream.text)  # ends with [DONE]
+        assert events[-1]["error"]["code"] == "deadline_exceeded"
+        assert_openai_error(
+            c.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Timeout": "soon"}),
+            400,
+            "X-Request-Timeout",
+        )
+        deadline_time = time.monotonic() + 5
+        while engine.running and time.monotonic() < deadline_time:
+            time.sleep(0.05)
+        assert not engine.running and len(engine.aborted) >= 2  # the engine requests were aborted
+        metrics = c.get("/metrics").text
+        assert 'dsv2_request_failures_total{reason="deadline",route="/v1/chat/completions"} 2.0' in metrics
+        assert 'dsv2_aborted_requests_total{reason="deadline"} 2.0' in metrics
+    with make_client(tiny_lite_dir, engine=FakeEngine(delay=0.2, words=["w"] * 50), max_model_len=4096,
+                     max_request_seconds=0.5) as c:  # fmt: skip
+        assert_openai_error(
+            c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50}), 504
+        )
+
+
+def test_usage_details_and_forced_usage(tiny_lite_dir):
+    with make_client(tiny_lite_dir, force_include_usage=True) as c:
+        body = c.post("/v1/chat/completions", json=CHAT).json()
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        chunks = sse_events(c.post("/v1/chat/completions", json={**CHAT, "stream": True}).text)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+        assert all(ch["usage"] is None for ch in chunks[:-1])
+        chunks = sse_events(
+            c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True}).text
+        )
+        assert chunks[-1]["usage"]["total_tokens"] == chunks[-1]["usage"]["prompt_tokens"] + 6
+        if openai_schema.SPEC_PATH.exists():
+            openai_schema.chat_completion(body)
