@@ -39,7 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="lite = DeepSeek-V2-Lite layout; v2 = full DeepSeek-V2 layout (q compression, group-limited routing).",
     )
     tiny.add_argument(
+        "--real-widths",
+        action="store_true",
+        help="DeepSeek-V2-Lite's true shapes (hidden 2048, 64 experts x 1408, vocabulary 102400) with 2 layers "
+        "(~2.2 GB in bf16) instead of the tiny widths.",
+    )
+    tiny.add_argument(
+        "--layers", type=int, default=None, help="Number of layers (default: 3 tiny, 2 with --real-widths)."
+    )
+    tiny.add_argument(
         "--awq", action="store_true", help="Write 4-bit AWQ (AutoAWQ GEMM layout, group size 64)."
+    )
+    tiny.add_argument(
+        "--awq-group-size", type=int, choices=[64, 128], default=64, help="AWQ group size (with --awq)."
+    )
+    tiny.add_argument(
+        "--awq-skip",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="With --awq: leave linears whose name contains NAME in fp16 (AutoAWQ's modules_to_not_convert); "
+        "repeatable.",
     )
     tiny.add_argument(
         "--dtype",
@@ -58,10 +78,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         from server.tiny_model import write_tiny_model
 
+        if (args.awq_skip or args.awq_group_size != 64) and not args.awq:
+            parser.error("--awq-group-size and --awq-skip need --awq")
         out = write_tiny_model(
-            args.out_dir, seed=args.seed, variant=args.variant, awq=args.awq, dtype=args.dtype
+            args.out_dir,
+            seed=args.seed,
+            variant=args.variant,
+            awq=args.awq,
+            dtype=args.dtype,
+            real_widths=args.real_widths,
+            layers=args.layers,
+            awq_group_size=args.awq_group_size,
+            awq_skip=tuple(args.awq_skip),
         )
-        print(f"wrote tiny DeepSeek-V2 ({args.variant}{', awq' if args.awq else ''}) checkpoint to {out}")
+        kind = ", ".join(
+            [args.variant]
+            + (["real widths"] if args.real_widths else [])
+            + ([f"awq g{args.awq_group_size}"] if args.awq else [])
+        )
+        print(f"wrote DeepSeek-V2 ({kind}) checkpoint to {out}")
         return 0
 
     from pydantic import ValidationError

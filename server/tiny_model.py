@@ -5,8 +5,14 @@ exactly as V2-Lite's config.json writes it, a dense first layer, 2 shared + rout
 softmax routing, no renormalisation) and shrinks everything else, so the real vLLM engine and transformers
 can run it on a CPU in seconds. The `v2` variant has the full DeepSeek-V2 layout: q compression and
 group-limited routing with a routed scaling factor. `awq=True` writes the linear layers in AutoAWQ's GEMM
-layout (4-bit, group size 64), including the routed experts and a layer-0 MLP whose width (192) is not a
-multiple of 128.
+layout (4-bit, group size 64 or 128), including the routed experts and a layer-0 MLP whose width (192) is
+not a multiple of 128; a linear whose input width the group size does not divide stays unquantised, as
+AutoAWQ leaves it, and `awq_skip` leaves more (AutoAWQ's `modules_to_not_convert`).
+
+`real_widths=True` keeps DeepSeek-V2-Lite's true shapes (hidden 2048, 16 heads of 128 + 64, 64 routed
+experts x 1408, a 10944-wide dense layer 0, vocabulary 102400) with only 2 layers: about 1.1 B parameters,
+2.2 GB in bf16. Its weights are drawn with a standard deviation scaled by 1/sqrt(fan-in) so that every layer
+has the tiny model's gain; the tokenizer is the tiny one (1024 tokens), the model's vocabulary the real one.
 
 Same arguments -> byte-identical files.
 """
@@ -14,6 +20,7 @@ Same arguments -> byte-identical files.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,9 +44,15 @@ YARN = {
 }
 
 AWQ_GROUP_SIZE = 64
+AWQ_GROUP_SIZES = (64, 128)
 
 # std 0.02 (the usual init) makes random-weight logits near-uniform: greedy comparisons would flip on rounding.
 INIT_STD = 0.1
+# Real widths keep the tiny model's per-layer gain: std = INIT_STD * sqrt(TINY_HIDDEN / fan_in).
+TINY_HIDDEN = 128
+REAL_WIDTH_LAYERS = 2
+# The locally trained tokenizer never grows past this (a real-width model has a larger vocabulary).
+TOKENIZER_VOCAB = 1024
 
 
 def tiny_config(variant: str = "lite", vocab_size: int = 1024) -> dict:
@@ -92,12 +105,39 @@ def tiny_config(variant: str = "lite", vocab_size: int = 1024) -> dict:
     }
 
 
-def tiny_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+def real_width_config(layers: int = REAL_WIDTH_LAYERS) -> dict:
+    """DeepSeek-V2-Lite's config.json shapes with `layers` layers (the first dense, the rest MoE)."""
+    if layers < 2:
+        raise ValueError(f"a real-width checkpoint needs >= 2 layers (one dense, one MoE), got {layers}")
+    cfg = tiny_config("lite", vocab_size=102400)
+    cfg.update(
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        num_hidden_layers=layers,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+    )
+    return cfg
+
+
+def tiny_weights(cfg: dict, seed: int, fan_in_scaled: bool = False) -> dict[str, torch.Tensor]:
     """Hugging Face tensor names -> fp32 tensors, drawn in a fixed order from one seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
+    return dict(iter_weights(cfg, seed, fan_in_scaled))
+
+
+def iter_weights(
+    cfg: dict, seed: int, fan_in_scaled: bool = False, meta: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The same tensors one at a time (a real-width checkpoint never holds all of them in fp32).
+
+    `meta=True` under `torch.device("meta")` yields shapes only."""
+    gen = None if meta else torch.Generator().manual_seed(seed)
 
     def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) * INIT_STD
+        std = INIT_STD * (TINY_HIDDEN / in_features) ** 0.5 if fan_in_scaled else INIT_STD
+        return torch.randn(out_features, in_features, generator=gen) * std
 
     def norm(n: int) -> torch.Tensor:
         return 1.0 + 0.1 * torch.randn(n, generator=gen)
@@ -105,39 +145,36 @@ def tiny_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     qk_head = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     kv_lora, rope, v_head = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    w: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h, generator=gen)
-    }
+    yield "model.embed_tokens.weight", torch.randn(cfg["vocab_size"], h, generator=gen)
 
-    def mlp(prefix: str, inter: int) -> None:
-        w[f"{prefix}.gate_proj.weight"] = linear(inter, h)
-        w[f"{prefix}.up_proj.weight"] = linear(inter, h)
-        w[f"{prefix}.down_proj.weight"] = linear(h, inter)
+    def mlp(prefix: str, inter: int) -> Iterator[tuple[str, torch.Tensor]]:
+        yield f"{prefix}.gate_proj.weight", linear(inter, h)
+        yield f"{prefix}.up_proj.weight", linear(inter, h)
+        yield f"{prefix}.down_proj.weight", linear(h, inter)
 
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        w[f"{p}.input_layernorm.weight"] = norm(h)
+        yield f"{p}.input_layernorm.weight", norm(h)
         if cfg["q_lora_rank"]:
-            w[f"{p}.self_attn.q_a_proj.weight"] = linear(cfg["q_lora_rank"], h)
-            w[f"{p}.self_attn.q_a_layernorm.weight"] = norm(cfg["q_lora_rank"])
-            w[f"{p}.self_attn.q_b_proj.weight"] = linear(heads * qk_head, cfg["q_lora_rank"])
+            yield f"{p}.self_attn.q_a_proj.weight", linear(cfg["q_lora_rank"], h)
+            yield f"{p}.self_attn.q_a_layernorm.weight", norm(cfg["q_lora_rank"])
+            yield f"{p}.self_attn.q_b_proj.weight", linear(heads * qk_head, cfg["q_lora_rank"])
         else:
-            w[f"{p}.self_attn.q_proj.weight"] = linear(heads * qk_head, h)
-        w[f"{p}.self_attn.kv_a_proj_with_mqa.weight"] = linear(kv_lora + rope, h)
-        w[f"{p}.self_attn.kv_a_layernorm.weight"] = norm(kv_lora)
-        w[f"{p}.self_attn.kv_b_proj.weight"] = linear(heads * (cfg["qk_nope_head_dim"] + v_head), kv_lora)
-        w[f"{p}.self_attn.o_proj.weight"] = linear(h, heads * v_head)
-        w[f"{p}.post_attention_layernorm.weight"] = norm(h)
+            yield f"{p}.self_attn.q_proj.weight", linear(heads * qk_head, h)
+        yield f"{p}.self_attn.kv_a_proj_with_mqa.weight", linear(kv_lora + rope, h)
+        yield f"{p}.self_attn.kv_a_layernorm.weight", norm(kv_lora)
+        yield f"{p}.self_attn.kv_b_proj.weight", linear(heads * (cfg["qk_nope_head_dim"] + v_head), kv_lora)
+        yield f"{p}.self_attn.o_proj.weight", linear(h, heads * v_head)
+        yield f"{p}.post_attention_layernorm.weight", norm(h)
         if i < cfg["first_k_dense_replace"]:
-            mlp(f"{p}.mlp", cfg["intermediate_size"])
+            yield from mlp(f"{p}.mlp", cfg["intermediate_size"])
         else:
-            w[f"{p}.mlp.gate.weight"] = linear(cfg["n_routed_experts"], h)
+            yield f"{p}.mlp.gate.weight", linear(cfg["n_routed_experts"], h)
             for e in range(cfg["n_routed_experts"]):
-                mlp(f"{p}.mlp.experts.{e}", cfg["moe_intermediate_size"])
-            mlp(f"{p}.mlp.shared_experts", cfg["moe_intermediate_size"] * cfg["n_shared_experts"])
-    w["model.norm.weight"] = norm(h)
-    w["lm_head.weight"] = linear(cfg["vocab_size"], h)
-    return w
+                yield from mlp(f"{p}.mlp.experts.{e}", cfg["moe_intermediate_size"])
+            yield from mlp(f"{p}.mlp.shared_experts", cfg["moe_intermediate_size"] * cfg["n_shared_experts"])
+    yield "model.norm.weight", norm(h)
+    yield "lm_head.weight", linear(cfg["vocab_size"], h)
 
 
 def awq_pack(w: torch.Tensor, group_size: int = AWQ_GROUP_SIZE) -> dict[str, torch.Tensor]:
@@ -165,16 +202,42 @@ def awq_pack(w: torch.Tensor, group_size: int = AWQ_GROUP_SIZE) -> dict[str, tor
 def _pack_cols(x: torch.Tensor) -> torch.Tensor:
     """[R, N] nibbles -> [R, N/8] int32, AutoAWQ's interleaved order."""
     r, n = x.shape
-    x = x.reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)]
-    packed = torch.zeros(r, n // 8, dtype=torch.int64)
-    for i in range(8):
-        packed |= (x[:, :, i].to(torch.int64) & 0xF) << (4 * i)
+    x = x.reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)].to(torch.int64) & 0xF  # [R, N/8, 8]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    packed = (x << shifts).sum(dim=-1)  # the nibbles do not overlap: the sum is their bitwise or
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def _is_awq_target(name: str) -> bool:
     # AutoAWQ quantises every linear of the decoder layers except the router gate.
     return name.startswith("model.layers.") and name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+
+
+def awq_plan(cfg: dict, group_size: int, skip: tuple[str, ...] = ()) -> tuple[set[str], list[str]]:
+    """(the modules an AutoAWQ export quantises, its `modules_to_not_convert`).
+
+    A linear stays in fp16 when its name contains one of `skip` (AutoAWQ's `modules_to_not_convert`), or when
+    `group_size` does not divide its input width (AutoAWQ cannot quantise it: V2-Lite's 10944-wide layer-0
+    `down_proj` at group 128); the latter are listed by full module name.
+    """
+    quantised, forced = set(), []
+    for name, shape in weight_shapes(cfg).items():
+        if not _is_awq_target(name):
+            continue
+        module = name[: -len(".weight")]
+        if any(pattern in module for pattern in skip):
+            continue
+        if shape[1] % group_size:
+            forced.append(module)
+            continue
+        quantised.add(module)
+    return quantised, [*skip, *forced]
+
+
+def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, without drawing anything (meta tensors)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in iter_weights(cfg, 0, meta=True)}
 
 
 def train_tokenizer(vocab_size: int):
@@ -214,30 +277,44 @@ def write_tiny_model(
     variant: str = "lite",
     awq: bool = False,
     dtype: str = "bfloat16",
+    real_widths: bool = False,
+    layers: int | None = None,
+    awq_group_size: int = AWQ_GROUP_SIZE,
+    awq_skip: tuple[str, ...] = (),
 ) -> Path:
     """Write config, weights, tokenizer and generation config to `out_dir`; returns the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    if awq_group_size not in AWQ_GROUP_SIZES:
+        raise ValueError(f"awq_group_size must be one of {AWQ_GROUP_SIZES}, got {awq_group_size}")
+    if real_widths and variant != "lite":
+        raise ValueError("real widths are DeepSeek-V2-Lite's: variant must be 'lite'")
     torch_dtype = getattr(torch, dtype)
 
-    cfg = tiny_config(variant)
-    weights = tiny_weights(cfg, seed)
+    if real_widths:
+        cfg = real_width_config(layers or REAL_WIDTH_LAYERS)
+    else:
+        cfg = tiny_config(variant)
+        if layers is not None:
+            cfg["num_hidden_layers"] = layers
+    quantised, not_converted = awq_plan(cfg, awq_group_size, tuple(awq_skip)) if awq else (set(), [])
     tensors: dict[str, torch.Tensor] = {}
-    for name, w in weights.items():
-        if awq and _is_awq_target(name):
-            base = name[: -len(".weight")]
-            for k, v in awq_pack(w).items():
+    for name, w in iter_weights(cfg, seed, fan_in_scaled=real_widths):
+        base = name[: -len(".weight")]
+        if base in quantised:
+            for k, v in awq_pack(w, awq_group_size).items():
                 tensors[f"{base}.{k}"] = v
         else:
             tensors[name] = w.to(torch_dtype).contiguous()
+        del w
     if awq:
         cfg["torch_dtype"] = "float16"
         cfg["quantization_config"] = {
             "bits": 4,
-            "group_size": AWQ_GROUP_SIZE,
-            "modules_to_not_convert": None,
+            "group_size": awq_group_size,
+            "modules_to_not_convert": not_converted or None,
             "quant_method": "awq",
             "version": "gemm",
             "zero_point": True,
@@ -255,7 +332,7 @@ def write_tiny_model(
         )
         + "\n"
     )
-    tokenizer = train_tokenizer(cfg["vocab_size"])
+    tokenizer = train_tokenizer(min(cfg["vocab_size"], TOKENIZER_VOCAB))
     tokenizer.save_pretrained(str(out))
     # Written by hand, as DeepSeek-V2-Chat's is: the chat template lives in tokenizer_config.json, and the
     # class name is one every transformers version knows.

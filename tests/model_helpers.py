@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,30 +117,42 @@ def hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     return DeepseekV2ForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
 
 
+def awq_group_size(awq_dir: Path) -> int:
+    return int(json.loads((awq_dir / "config.json").read_text())["quantization_config"]["group_size"])
+
+
+def dequantized_tensors(awq_dir: Path, only_quantized: bool = False) -> dict[str, torch.Tensor]:
+    """The AWQ checkpoint's tensors with every (qweight, qzeros, scales) replaced by its fp32 dequantised
+    weight; `only_quantized` returns just those."""
+    from safetensors.torch import load_file
+
+    from server.model.awq import awq_dequantize
+
+    group = awq_group_size(awq_dir)
+    tensors = load_file(str(awq_dir / "model.safetensors"))
+    dense: dict[str, torch.Tensor] = {}
+    for name in list(tensors):
+        base, _, part = name.rpartition(".")
+        if part == "qweight":
+            dense[f"{base}.weight"] = awq_dequantize(
+                tensors.pop(name), tensors.pop(f"{base}.qzeros"), tensors.pop(f"{base}.scales"), group
+            )
+    if not only_quantized:
+        dense.update((name, t.float()) for name, t in tensors.items())
+    return dense
+
+
 def write_dequantized_copy(awq_dir: Path, out_dir: Path) -> Path:
     """The AWQ checkpoint with every (qweight, qzeros, scales) replaced by its fp32 dequantised weight."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
-    from server.model.awq import awq_dequantize
-    from server.tiny_model import AWQ_GROUP_SIZE
+    from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in awq_dir.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, out_dir / f.name)
-    tensors = load_file(str(awq_dir / "model.safetensors"))
-    dense: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        base, _, part = name.rpartition(".")
-        if part == "qweight":
-            dense[f"{base}.weight"] = awq_dequantize(
-                t, tensors[f"{base}.qzeros"], tensors[f"{base}.scales"], AWQ_GROUP_SIZE
-            )
-        elif part not in ("qzeros", "scales"):
-            dense[name] = t.float()
-    save_file(dense, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dequantized_tensors(awq_dir), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((awq_dir / "config.json").read_text())
     cfg.pop("quantization_config")
     cfg["torch_dtype"] = "float32"
@@ -194,3 +207,26 @@ def assert_greedy_agrees(
             compared += 1
     assert worst <= max_logprob_diff, f"max |Δ logprob| {worst:.2e} > {max_logprob_diff}"
     return worst, compared
+
+
+_HF_EXPERT = re.compile(r"^(?P<moe>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+
+
+@torch.no_grad()
+def hf_load_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint-named tensors into a loaded transformers model in place. Transformers keeps each MoE
+    layer's experts as two stacked tensors: gate_up_proj [E, 2 * inter, hidden] (gate rows first) and
+    down_proj [E, hidden, inter]."""
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        m = _HF_EXPERT.match(name)
+        if m is None:
+            params[name].copy_(t)
+            continue
+        e = int(m["expert"])
+        if m["proj"] == "down":
+            params[f"{m['moe']}.down_proj"][e].copy_(t)
+        else:
+            inter = t.shape[0]
+            rows = slice(0, inter) if m["proj"] == "gate" else slice(inter, 2 * inter)
+            params[f"{m['moe']}.gate_up_proj"][e, rows].copy_(t)

@@ -88,6 +88,48 @@ def test_valid_tp_sizes_for_v2_lite() -> None:
 
 
 @pytest.mark.parametrize(
+    ("group", "ep", "valid"),
+    [(64, False, [1, 2]), (64, True, [1, 2, 4]), (128, False, [1]), (128, True, [1, 2])],
+)
+def test_awq_group_size_and_expert_parallel_decide_the_tp_sizes(
+    group: int, ep: bool, valid: list[int]
+) -> None:
+    """The table in docs/model.md: experts 1408 wide, shared experts 2816, AWQ groups must not be cut."""
+    from server.model.config import valid_tp_sizes
+
+    awq = _lite_config(quantization_config={"quant_method": "awq", "bits": 4, "group_size": group})
+    assert valid_tp_sizes(awq, expert_parallel=ep) == valid
+
+
+@pytest.mark.parametrize(
+    ("group", "tp", "ep", "reason"),
+    [
+        (
+            128,
+            2,
+            False,
+            "moe_intermediate_size 1408 / 2 = 704 is not a multiple of the AWQ group_size 128: "
+            "a rank's slice would cut a quantisation group; --enable-expert-parallel keeps routed experts whole",
+        ),
+        (64, 4, False, "moe_intermediate_size 1408 / 4 = 352 is not a multiple of the AWQ group_size 64"),
+        (128, 4, True, "shared experts' width 2816 / 4 = 704 is not a multiple of the AWQ group_size 128"),
+        (64, 8, True, "shared experts' width 2816 / 8 = 352 is not a multiple of the AWQ group_size 64"),
+        (64, 3, False, "num_attention_heads=16 is not a multiple of 3"),
+    ],
+)
+def test_tp_refusals_name_the_reason(group: int, tp: int, ep: bool, reason: str) -> None:
+    import re
+
+    from server.model.config import check_parallel
+
+    awq = _lite_config(quantization_config={"quant_method": "awq", "bits": 4, "group_size": group})
+    with pytest.raises(
+        ValueError, match=re.escape(f"tensor_parallel_size={tp} does not split this model ({reason}")
+    ):
+        check_parallel(awq, tp, expert_parallel=ep)
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("topk_method", "noaux_tc"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,34 @@ def test_vllm_loads_and_generates_like_transformers(tiny_lite_dir: Path) -> None
     finally:
         del llm
     assert list(got) == want
+
+
+def test_real_width_shapes_are_deepseek_v2_lite() -> None:
+    from server.tiny_model import real_width_config, weight_shapes
+
+    cfg = real_width_config()
+    shapes = weight_shapes(cfg)
+    assert cfg["num_hidden_layers"] == 2 and cfg["vocab_size"] == 102400
+    assert shapes["model.embed_tokens.weight"] == (102400, 2048)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (16 * (128 + 64), 2048)
+    assert shapes["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"] == (512 + 64, 2048)
+    assert shapes["model.layers.0.self_attn.kv_b_proj.weight"] == (16 * (128 + 128), 512)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (2048, 10944)
+    assert shapes["model.layers.1.mlp.experts.63.gate_proj.weight"] == (1408, 2048)
+    assert shapes["model.layers.1.mlp.shared_experts.down_proj.weight"] == (2048, 2816)
+    params = sum(math.prod(s) for s in shapes.values())
+    assert 1.0e9 < params < 1.2e9, params
+
+
+@pytest.mark.parametrize(("group", "down0_quantised"), [(64, True), (128, False)])
+def test_awq_plan_leaves_what_autoawq_cannot_quantise(group: int, down0_quantised: bool) -> None:
+    from server.tiny_model import awq_plan, real_width_config
+
+    quantised, not_converted = awq_plan(real_width_config(), group)
+    assert ("model.layers.0.mlp.down_proj" in quantised) == down0_quantised
+    assert not_converted == ([] if down0_quantised else ["model.layers.0.mlp.down_proj"])
+    assert "model.layers.1.mlp.experts.0.down_proj" in quantised  # 1408 = 11 x 128
+    assert "model.layers.1.mlp.gate" not in quantised
+    quantised, not_converted = awq_plan(real_width_config(), group, skip=("kv_a_proj_with_mqa",))
+    assert not any("kv_a_proj_with_mqa" in m for m in quantised)
+    assert not_converted[0] == "kv_a_proj_with_mqa"

@@ -106,24 +106,37 @@ def check_family(config: Any) -> None:
             raise _refuse("quantization_config.zero_point", False, "expected AutoAWQ's zero-point layout")
 
 
-def _tp_fits(config: Any, tp: int, expert_parallel: bool) -> bool:
-    """True when `tp` splits heads and every tensor-parallel dimension (on quantisation-group boundaries)."""
-    if config.num_attention_heads % tp:
-        return False
+def tp_misfit(config: Any, tp: int, expert_parallel: bool = False) -> str | None:
+    """Why `tp` does not split this model (heads, or a tensor-parallel width on quantisation-group
+    boundaries), or None when it does."""
+    heads = config.num_attention_heads
+    if tp < 1 or heads % tp:
+        return f"num_attention_heads={heads} is not a multiple of {tp}"
     group = quant_group_size(config)
-    sharded: list[int] = []  # input dims of the row-parallel projections a rank holds a slice of
-    if _get(config, "n_routed_experts") is not None:
-        sharded.append(config.moe_intermediate_size * (_get(config, "n_shared_experts") or 0))
-        if not expert_parallel:
-            sharded.append(config.moe_intermediate_size)
+    group = group if group and group > 0 else None
     # A quantised dense MLP whose slice would cut a quantisation group is replicated instead of split
     # (see dense_mlp_is_replicated), so only an unquantised one has to divide evenly.
     if not group and config.intermediate_size % tp:
-        return False
-    for dim in sharded:
-        if dim % tp or (group and group > 0 and dim and (dim // tp) % group):
-            return False
-    return True
+        return f"intermediate_size={config.intermediate_size} is not a multiple of {tp}"
+    if _get(config, "n_routed_experts") is None:
+        return None
+    # Input widths of the row-parallel projections a rank holds a slice of.
+    sharded = {} if expert_parallel else {"moe_intermediate_size": config.moe_intermediate_size}
+    sharded["shared experts' width"] = config.moe_intermediate_size * (_get(config, "n_shared_experts") or 0)
+    for what, dim in sharded.items():
+        if dim % tp:
+            return f"{what} {dim} is not a multiple of {tp}"
+        if group and dim and (dim // tp) % group:
+            hint = (
+                "; --enable-expert-parallel keeps routed experts whole"
+                if what == "moe_intermediate_size"
+                else ""
+            )
+            return (
+                f"{what} {dim} / {tp} = {dim // tp} is not a multiple of the AWQ group_size {group}: a rank's "
+                f"slice would cut a quantisation group{hint}"
+            )
+    return None
 
 
 def dense_mlp_is_replicated(config: Any, tp: int) -> bool:
@@ -134,17 +147,21 @@ def dense_mlp_is_replicated(config: Any, tp: int) -> bool:
 
 
 def valid_tp_sizes(config: Any, expert_parallel: bool = False) -> list[int]:
-    return [tp for tp in range(1, config.num_attention_heads + 1) if _tp_fits(config, tp, expert_parallel)]
+    return [
+        tp
+        for tp in range(1, config.num_attention_heads + 1)
+        if tp_misfit(config, tp, expert_parallel) is None
+    ]
 
 
 def check_parallel(config: Any, tp: int, expert_parallel: bool = False) -> None:
-    if not _tp_fits(config, tp, expert_parallel):
+    reason = tp_misfit(config, tp, expert_parallel)
+    if reason is not None:
         valid = ", ".join(map(str, valid_tp_sizes(config, expert_parallel)))
+        ep = " with expert parallelism" if expert_parallel else ""
         raise ValueError(
-            f"dsv2-serve: tensor_parallel_size={tp} does not split this model "
-            f"(num_attention_heads={config.num_attention_heads}"
-            + (f", AWQ group_size={quant_group_size(config)}" if quant_group_size(config) else "")
-            + f"); valid tensor_parallel_size values: {valid}"
+            f"dsv2-serve: tensor_parallel_size={tp} does not split this model ({reason}); "
+            f"valid tensor_parallel_size values{ep}: {valid}"
         )
 
 

@@ -39,6 +39,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsPP
@@ -111,6 +112,19 @@ class QuantPlan:
         self.linear = quant_config if kernels and kernels.linear else None
         self.moe = quant_config if kernels and kernels.moe else None
         self.replicate_dense_mlp = quant_config is not None and dense_mlp_is_replicated(hf_config, tp)
+        # AutoAWQ's list (or, when the checkpoint has none, vLLM's: every module without int4 tensors).
+        self.not_converted: list[str] = list(getattr(quant_config, "modules_to_not_convert", None) or [])
+
+    def quantised(self, module: str) -> bool:
+        """Whether the checkpoint holds this linear in quantised form (matched as vLLM's AWQ config does)."""
+        return self.base is not None and not is_layer_skipped(
+            module, self.not_converted, match_mode="substring"
+        )
+
+    def fuses(self, prefix: str, shards: list[str]) -> bool:
+        """One GEMM for checkpoint modules `prefix.<shard>` only when they are all quantised or all not:
+        a fused layer has one quantisation method (vLLM refuses "some but not all shards" quantised)."""
+        return len({self.quantised(f"{prefix}.{shard}") for shard in shards}) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,16 +151,47 @@ class DeepseekV2Attention(nn.Module):
         hidden, heads = config.hidden_size, config.num_attention_heads
         latent = self.kv_lora_rank + self.qk_rope_head_dim  # 576 for V2-Lite: what the KV cache stores
 
-        # The a-projections are small and every rank needs their whole output: replicated.
-        if self.q_lora_rank is not None:
-            self.fused_qkv_a_proj = MergedColumnParallelLinear(
+        # The a-projections are small and every rank needs their whole output: replicated. Projections of
+        # the layer input are one GEMM where every rank holds all of them (V2's q_a_proj; V2-Lite's q_proj
+        # at TP=1) and the checkpoint quantised them alike; otherwise they stay apart.
+        first_name = "q_a_proj" if self.q_lora_rank is not None else "q_proj"
+        self.first_out = self.q_lora_rank if self.q_lora_rank is not None else heads * self.qk_head_dim
+        self.fused_a: str | None = None
+        if (self.q_lora_rank is not None or tp == 1) and quant.fuses(
+            prefix, [first_name, "kv_a_proj_with_mqa"]
+        ):
+            self.fused_a = "fused_qkv_a_proj" if self.q_lora_rank is not None else "fused_q_kv_a_proj"
+            # checkpoint shard 0 = q_a_proj / q_proj, shard 1 = kv_a_proj_with_mqa
+            fused = MergedColumnParallelLinear(
                 hidden,
-                [self.q_lora_rank, latent],
+                [self.first_out, latent],
                 bias=False,
                 quant_config=quant.linear,
                 disable_tp=True,
-                prefix=f"{prefix}.fused_qkv_a_proj",
+                prefix=f"{prefix}.{self.fused_a}",
             )
+            setattr(self, self.fused_a, fused)
+        else:
+            if self.q_lora_rank is not None:
+                self.q_a_proj = ReplicatedLinear(
+                    hidden,
+                    self.q_lora_rank,
+                    bias=False,
+                    quant_config=quant.linear,
+                    prefix=f"{prefix}.q_a_proj",
+                )
+            else:
+                self.q_proj = ColumnParallelLinear(
+                    hidden,
+                    heads * self.qk_head_dim,
+                    bias=False,
+                    quant_config=quant.linear,
+                    prefix=f"{prefix}.q_proj",
+                )
+            self.kv_a_proj_with_mqa = ReplicatedLinear(
+                hidden, latent, bias=False, quant_config=quant.linear, prefix=f"{prefix}.kv_a_proj_with_mqa"
+            )
+        if self.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
             self.q_b_proj = ColumnParallelLinear(
                 self.q_lora_rank,
@@ -154,28 +199,6 @@ class DeepseekV2Attention(nn.Module):
                 bias=False,
                 quant_config=quant.linear,
                 prefix=f"{prefix}.q_b_proj",
-            )
-        elif tp == 1:
-            # V2-Lite: q and the latent both project the layer input. With every head on this rank, one
-            # GEMM computes both (checkpoint q_proj = shard 0, kv_a_proj_with_mqa = shard 1).
-            self.fused_q_kv_a_proj = MergedColumnParallelLinear(
-                hidden,
-                [heads * self.qk_head_dim, latent],
-                bias=False,
-                quant_config=quant.linear,
-                disable_tp=True,
-                prefix=f"{prefix}.fused_q_kv_a_proj",
-            )
-        else:
-            self.q_proj = ColumnParallelLinear(
-                hidden,
-                heads * self.qk_head_dim,
-                bias=False,
-                quant_config=quant.linear,
-                prefix=f"{prefix}.q_proj",
-            )
-            self.kv_a_proj_with_mqa = ReplicatedLinear(
-                hidden, latent, bias=False, quant_config=quant.linear, prefix=f"{prefix}.kv_a_proj_with_mqa"
             )
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         # Up-projection latent -> per-head [k_nope | v]; MLAAttention absorbs it into q and the output.
@@ -210,18 +233,17 @@ class DeepseekV2Attention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.q_lora_rank is not None:
-            q_c, latent = self.fused_qkv_a_proj(hidden_states)[0].split(
-                [self.q_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim], dim=-1
-            )
-            q = self.q_b_proj(self.q_a_layernorm(q_c))[0]
-        elif hasattr(self, "fused_q_kv_a_proj"):
-            q, latent = self.fused_q_kv_a_proj(hidden_states)[0].split(
-                [self.num_heads * self.qk_head_dim, self.kv_lora_rank + self.qk_rope_head_dim], dim=-1
+        latent_dim = self.kv_lora_rank + self.qk_rope_head_dim
+        if self.fused_a is not None:
+            # At TP=1 (the only fused V2-Lite layout) first_out is this rank's whole q.
+            q, latent = getattr(self, self.fused_a)(hidden_states)[0].split(
+                [self.first_out, latent_dim], dim=-1
             )
         else:
+            q = (self.q_a_proj if self.q_lora_rank is not None else self.q_proj)(hidden_states)[0]
             latent = self.kv_a_proj_with_mqa(hidden_states)[0]  # [T, 576]
-            q = self.q_proj(hidden_states)[0]
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))[0]  # q was the compressed q_c
         q = q.view(-1, self.num_heads, self.qk_head_dim)  # [T, H, nope + rope]
         kv_c, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_c_normed = self.kv_a_layernorm(kv_c)  # [T, 512]
@@ -251,16 +273,32 @@ class DeepseekV2MLP(nn.Module):
         prefix: str,
         reduce_results: bool = True,
         replicated: bool = False,
+        fuse_gate_up: bool = True,
     ) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size,
-            [intermediate_size] * 2,
-            bias=False,
-            quant_config=quant_config,
-            disable_tp=replicated,
-            prefix=f"{prefix}.gate_up_proj",
-        )
+        # gate and up read the same input: one GEMM, unless the checkpoint quantised only one of them.
+        self.fuse_gate_up = fuse_gate_up
+        if fuse_gate_up:
+            self.gate_up_proj = MergedColumnParallelLinear(
+                hidden_size,
+                [intermediate_size] * 2,
+                bias=False,
+                quant_config=quant_config,
+                disable_tp=replicated,
+                prefix=f"{prefix}.gate_up_proj",
+            )
+        else:
+            self.gate_proj, self.up_proj = (
+                ColumnParallelLinear(
+                    hidden_size,
+                    intermediate_size,
+                    bias=False,
+                    quant_config=quant_config,
+                    disable_tp=replicated,
+                    prefix=f"{prefix}.{name}",
+                )
+                for name in ("gate_proj", "up_proj")
+            )
         self.down_proj = RowParallelLinear(
             intermediate_size,
             hidden_size,
@@ -273,7 +311,11 @@ class DeepseekV2MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)[0]))[0]
+        if self.fuse_gate_up:
+            gate_up = self.gate_up_proj(x)[0]
+        else:
+            gate_up = torch.cat([self.gate_proj(x)[0], self.up_proj(x)[0]], dim=-1)  # [T, 2 * inter]
+        return self.down_proj(self.act_fn(gate_up))[0]
 
 
 class DeepseekV2MoE(nn.Module):
@@ -291,6 +333,7 @@ class DeepseekV2MoE(nn.Module):
                 quant.linear,
                 prefix=f"{prefix}.shared_experts",
                 reduce_results=False,
+                fuse_gate_up=quant.fuses(f"{prefix}.shared_experts", ["gate_proj", "up_proj"]),
             )
         self.experts = FusedMoEFactory(
             num_experts=config.n_routed_experts,
@@ -339,6 +382,7 @@ class DeepseekV2DecoderLayer(nn.Module):
                 quant.linear,
                 prefix=f"{prefix}.mlp",
                 replicated=quant.replicate_dense_mlp,
+                fuse_gate_up=quant.fuses(f"{prefix}.mlp", ["gate_proj", "up_proj"]),
             )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
