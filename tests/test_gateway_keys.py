@@ -265,3 +265,31 @@ def test_usage_details_and_forced_usage(tiny_lite_dir):
         assert chunks[-1]["usage"]["total_tokens"] == chunks[-1]["usage"]["prompt_tokens"] + 6
         if openai_schema.SPEC_PATH.exists():
             openai_schema.chat_completion(body)
+
+
+def test_continuous_usage_stats(tiny_lite_dir):
+    with make_client(tiny_lite_dir) as c:
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        chunks = sse_events(
+            c.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": options}).text
+        )
+        running = [ch["usage"]["completion_tokens"] for ch in chunks[:-1]]
+        assert running == sorted(running) and running[-1] == 6 and running[1] == 1  # one word per step
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+        prompt = chunks[-1]["usage"]["prompt_tokens"]
+        assert {ch["usage"]["prompt_tokens"] for ch in chunks} == {prompt}
+        if openai_schema.SPEC_PATH.exists():
+            for ch in chunks:
+                openai_schema.chat_chunk(ch)
+        chunks = sse_events(
+            c.post(
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "stream_options": {"continuous_usage_stats": True},
+                },
+            ).text
+        )
+        assert [ch["usage"]["completion_tokens"] for ch in chunks] == [1, 2, 3, 4, 5, 6]

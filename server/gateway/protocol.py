@@ -105,6 +105,9 @@ class ResponseFormat(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = Field(
+        default=None, description="vLLM extra: every chunk carries the usage so far."
+    )
 
 
 class ChatCompletionRequest(_Strict):
@@ -214,6 +217,7 @@ class Plan:
     sequences: int  # its cost for admission: prompts x n
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # every chunk carries the usage so far
     n: int
     requested_tokens: int | None  # max_tokens as asked; None = what is left of the context
     buffered_per_token: int  # token entries a buffered result keeps per generated token (1 + top logprobs)
@@ -257,6 +261,7 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
         sequences=n,
         stream=bool(req.stream),
         include_usage=_include_usage(req),
+        continuous_usage=_continuous_usage(req),
         n=n,
         requested_tokens=requested,
         buffered_per_token=1 + (options.logprobs or 0),
@@ -325,6 +330,7 @@ def completion_plan(req: CompletionRequest, limits: Limits) -> Plan:
         sequences=len(prompts) * n,
         stream=bool(req.stream),
         include_usage=_include_usage(req),
+        continuous_usage=_continuous_usage(req),
         n=n,
         requested_tokens=req.max_tokens,
         buffered_per_token=1 + (req.logprobs or 0),
@@ -372,6 +378,10 @@ def check_model(model: str, limits: Limits) -> None:
 def _check_stream_options(req: ChatCompletionRequest | CompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _continuous_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)
 
 
 def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:

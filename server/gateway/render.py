@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from json.encoder import encode_basestring  # the C string encoder json.dumps(ensure_ascii=False) uses
+from typing import TypeVar
 
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -58,6 +59,8 @@ def finish_reason(reason: str | None) -> str | None:
         return reason
     return "stop"
 
+
+T = TypeVar("T")
 
 DONE = b"data: [DONE]\n\n"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -157,6 +160,33 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 # --- streams -------------------------------------------------------------------------------------------------
+
+
+class TokenCount:
+    """Tokens so far of a stream's engine steps: what stream_options.continuous_usage_stats reports per chunk."""
+
+    def __init__(self) -> None:
+        self.completion = 0
+
+    async def count(self, steps: AsyncIterator[T]) -> AsyncIterator[T]:
+        async for item in steps:
+            step: EngineStep = item[1] if isinstance(item, tuple) else item
+            self.completion += sum(c.num_tokens for c in step.choices)
+            yield item
+
+
+async def with_running_usage(
+    events: AsyncIterator[bytes], counted: TokenCount, timer: RequestTimer, prompt_tokens: int
+) -> AsyncIterator[bytes]:
+    """Chunks with `usage` so far added (the request asked for it, so this slower path re-encodes them); the
+    final usage chunk, error events and [DONE] pass unchanged. Each chunk follows the step it came from, so the
+    count includes that step."""
+    async for event in events:
+        if event.startswith(b"data: {") and b'"choices":[{' in event:
+            obj = json.loads(event[6:])
+            obj["usage"] = usage(prompt_tokens, counted.completion, timer.cached_tokens)
+            event = sse(obj)
+        yield event
 
 
 async def chat_events(

@@ -74,13 +74,17 @@ async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request,
     timer = RequestTimer(svc.metrics, "/v1/chat/completions", caller.tenant)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
-        slot, _, steps = await _start_chat(svc, plan, caller, owner, f"chatcmpl-{request_id}", timer)
+        slot, prompt, steps = await _start_chat(svc, plan, caller, owner, f"chatcmpl-{request_id}", timer)
         env = render.Envelope(slot.request_id, int(time.time()), caller.model)
         if plan.stream:
+            counted = render.TokenCount() if plan.continuous_usage else None
+            steps = counted.count(steps) if counted else steps
             first = await until_disconnected(raw, _first_step(steps, timer))
             events = render.chat_events(
                 _prepend(first, steps), env, plan.n, plan.include_usage, timer, with_tools
             )
+            if counted:
+                events = render.with_running_usage(events, counted, timer, len(prompt))
             return render.SSEResponse(events, owner.pop_all())
         results = await until_disconnected(raw, render.collect(_indexed(steps), 1, plan.n, timer))
         return render.chat_body(env, results[0], with_tools)
@@ -189,10 +193,14 @@ async def completion(
             [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
         )
         if plan.stream:
+            counted = render.TokenCount() if plan.continuous_usage else None
+            steps = counted.count(steps) if counted else steps
             first = await until_disconnected(raw, _first_step(steps, timer))
             events = render.completion_events(
                 _prepend(first, steps), env, plan.n, echo, plan.include_usage, timer
             )
+            if counted:
+                events = render.with_running_usage(events, counted, timer, sum(len(p) for p in prompts))
             return render.SSEResponse(events, owner.pop_all())
         results = await until_disconnected(raw, render.collect(steps, len(prompts), plan.n, timer))
         return render.completion_body(env, results, echo, req.logprobs is not None)
