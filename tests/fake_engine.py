@@ -17,6 +17,7 @@ from server.gateway.engine import (
     EngineFailed,
     EngineProgress,
     EngineStep,
+    EngineTimings,
     RequestAborted,
     SamplingOptions,
     TokenLogprob,
@@ -75,6 +76,8 @@ class FakeEngine:
         self.generated.append(request_id)
         self.options.append(options)
         words = self.words
+        queued = time.time()
+        first_token = None
         try:
             steps = min(options.max_tokens, len(words))
             finish = "stop" if options.max_tokens >= len(words) else "length"
@@ -105,8 +108,16 @@ class FakeEngine:
                         ]
                     if last:
                         self.progress.last_success = time.monotonic()
+                    now = time.time()
+                    first_token = first_token or now
+                    timings = EngineTimings(queued, queued, first_token, now) if last else None
                     yield EngineStep(
-                        len(prompt_token_ids), choices, last, None, time.time() if k == 0 else None
+                        len(prompt_token_ids),
+                        choices,
+                        last,
+                        None,
+                        now if k == 0 else None,
+                        timings=timings,
                     )
         finally:
             self.running.discard(request_id)

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from starlette.testclient import TestClient
 
 from server.gateway.app import create_app
 from server.settings import Settings
@@ -293,3 +294,53 @@ def test_continuous_usage_stats(tiny_lite_dir):
             ).text
         )
         assert [ch["usage"]["completion_tokens"] for ch in chunks] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tracing_spans_follow_the_request(tiny_lite_dir):
+    """OpenTelemetry with the SDK's in-memory exporter: the request's span continues the caller's traceparent and
+    carries the request id; admission, template, and the engine's queue, prefill and decode are its children."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = Settings(model=str(tiny_lite_dir), served_model_name=MODEL, api_keys=["sk-a"])
+    app = create_app(settings, engine=FakeEngine(delay=0.01), tracer=provider.get_tracer("test"))
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {**bearer("sk-a"), "traceparent": f"00-{trace_id}-{parent_id}-01", "X-Request-Id": "trace-me"}
+    with TestClient(app) as c:
+        assert (
+            c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers).status_code == 200
+        )
+        assert (
+            c.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=bearer("sk-a")
+            ).status_code
+            == 200
+        )
+        assert (
+            c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 0}, headers=headers).status_code == 400
+        )
+    spans = exporter.get_finished_spans()
+    chat = [s for s in spans if s.context.trace_id == int(trace_id, 16)]
+    by_name = {s.name: s for s in chat}
+    assert set(by_name) == {
+        "POST /v1/chat/completions",
+        "admission",
+        "template",
+        "queue",
+        "prefill",
+        "decode",
+    }
+    root = by_name["POST /v1/chat/completions"]
+    assert root.parent.span_id == int(parent_id, 16)
+    assert root.attributes["dsv2.request_id"] == "trace-me" and root.attributes["dsv2.key"] == "key-1"
+    assert root.attributes["gen_ai.usage.output_tokens"] == 6
+    for name in ("admission", "template", "queue", "prefill", "decode"):
+        assert by_name[name].parent.span_id == root.context.span_id
+    assert by_name["queue"].start_time <= by_name["prefill"].start_time <= by_name["decode"].start_time
+    assert by_name["decode"].end_time <= root.end_time  # the root ends with the stream
+    completion = [s for s in spans if s.name == "POST /v1/completions"]
+    assert len(completion) == 1 and completion[0].context.trace_id != int(trace_id, 16)  # a trace of its own

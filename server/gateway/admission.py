@@ -46,12 +46,15 @@ class Slot:
 
     async def track(self, steps: AsyncIterator, engine_id: str | None = None) -> AsyncIterator:
         """Pass `steps` through, marking engine requests finished: (index, step) pairs from generate_many, or
-        plain steps of `engine_id`; prefix-cache hits are added to the request's timer."""
+        plain steps of `engine_id`; prefix-cache hits and the engine's phases go to the request's timer and trace."""
         try:
             async for item in steps:
                 step: EngineStep = item[1] if isinstance(item, tuple) else item
-                if step.cached_tokens and self.timer is not None:
-                    self.timer.cached_tokens += step.cached_tokens
+                if self.timer is not None:
+                    if step.cached_tokens:
+                        self.timer.cached_tokens += step.cached_tokens
+                    if step.timings is not None and self.timer.trace is not None:
+                        self.timer.trace.engine(step.timings)
                 if step.finished:
                     self.pending.discard(self.engine_ids[item[0]] if isinstance(item, tuple) else engine_id)
                 yield item

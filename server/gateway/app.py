@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -27,16 +28,22 @@ from server.gateway.routes import router
 from server.gateway.serving import Services
 from server.gateway.template import ChatTemplate
 from server.gateway.tenants import load as load_tenants
+from server.gateway.tracing import tracer_from_settings
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger("dsv2.app")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine).
-    ValueError for a bad key file, before anything starts."""
+def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer | None = None) -> FastAPI:
+    """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine), `tracer`
+    to the OTLP exporter of --otlp-traces-endpoint (none: tracing off). ValueError for a bad key file, before
+    anything starts."""
     metrics = GatewayMetrics()
     tenants = load_tenants(settings.api_keys, settings.api_key_file)
+    tracer = tracer if tracer is not None else tracer_from_settings(settings.otlp_traces_endpoint)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,7 +61,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.health = health
         await eng.start()
         app.state.services = Services(
-            settings, eng, template, admission, metrics, settings.model_name, int(time.time()), tenants
+            settings,
+            eng,
+            template,
+            admission,
+            metrics,
+            settings.model_name,
+            int(time.time()),
+            tenants,
+            tracer,
         )
         if not eng.priority_scheduling and any(t.priority for t in tenants.tenants):
             log.warning("API keys have default priorities, but the engine schedules first come, first served: "

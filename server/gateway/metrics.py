@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 if TYPE_CHECKING:
     from server.gateway.tenants import Tenant
+    from server.gateway.tracing import RequestTrace
 
 # Routes with a label of their own; anything else counts as "other" (bounded label cardinality).
 ROUTES = frozenset(
@@ -160,13 +161,25 @@ class GatewayMetrics:
 class RequestTimer:
     """TTFT / inter-token / end-to-end timing and token counts of one generation request."""
 
-    __slots__ = ("metrics", "route", "tenant", "cached_tokens", "start", "start_wall", "last", "ttft", "itl")
+    __slots__ = (
+        "metrics",
+        "route",
+        "tenant",
+        "cached_tokens",
+        "trace",
+        "start",
+        "start_wall",
+        "last",
+        "ttft",
+        "itl",
+    )
 
     def __init__(self, metrics: GatewayMetrics, route: str, tenant: Tenant | None = None) -> None:
         self.metrics = metrics
         self.route = route
         self.tenant = tenant
         self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache
+        self.trace: RequestTrace | None = None
         self.start = time.perf_counter()
         self.start_wall = time.time()
         self.last: float | None = None
@@ -193,6 +206,9 @@ class RequestTimer:
         m.e2e.labels(self.route).observe(time.perf_counter() - self.start)
         m.prompt_tokens.labels(self.route).inc(prompt_tokens)
         m.generation_tokens.labels(self.route).inc(completion_tokens)
+        if self.trace is not None:
+            self.trace.set("gen_ai.usage.input_tokens", prompt_tokens)
+            self.trace.set("gen_ai.usage.output_tokens", completion_tokens)
         if self.tenant is not None:
             name = self.tenant.name
             m.key_requests.labels(name).inc()
@@ -202,3 +218,5 @@ class RequestTimer:
 
     def failed(self, reason: str) -> None:
         self.metrics.failures.labels(self.route, reason).inc()
+        if self.trace is not None:
+            self.trace.set("dsv2.failure", reason)

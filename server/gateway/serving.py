@@ -15,12 +15,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.gateway import anthropic, protocol, render, responses
+from server.gateway import anthropic, protocol, render, responses, tracing
 from server.gateway.admission import Admission, Slot
 from server.gateway.engine import (
     Engine,
@@ -35,6 +35,9 @@ from server.gateway.metrics import GatewayMetrics, RequestTimer
 from server.gateway.template import ChatTemplate
 from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 T = TypeVar("T")
 
@@ -54,6 +57,7 @@ class Services:
     model_name: str
     created: int
     tenants: Tenants = field(default_factory=lambda: Tenants([]))
+    tracer: Tracer | None = None
     limits: protocol.Limits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,7 @@ async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request,
     timer = RequestTimer(svc.metrics, "/v1/chat/completions", caller.tenant)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
+        _trace(svc, raw, caller, timer, owner, request_id)
         slot, prompt, steps = await _start_chat(svc, plan, caller, owner, f"chatcmpl-{request_id}", timer)
         env = render.Envelope(slot.request_id, int(time.time()), caller.model)
         if plan.stream:
@@ -98,6 +103,7 @@ async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, 
     timer = RequestTimer(svc.metrics, "/v1/messages", caller.tenant)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
+        _trace(svc, raw, caller, timer, owner, request_id)
         _, prompt, steps = await _start_chat(svc, plan, caller, owner, f"msg-{request_id}", timer)
         msg_id = anthropic.message_id()
         if plan.stream:
@@ -122,6 +128,7 @@ async def create_response(
         timer = RequestTimer(svc.metrics, "/v1/responses", caller.tenant)
         with_tools = plan.tool_choice is not None
         async with AsyncExitStack() as owner:
+            _trace(svc, raw, caller, timer, owner, request_id)
             _, prompt, steps = await _start_chat(svc, plan, caller, owner, f"resp-{request_id}", timer)
             shell = responses.Shell(responses.response_id(), caller.model, req, tr)
             if plan.stream:
@@ -150,10 +157,13 @@ async def _start_chat(
     timer: RequestTimer,
 ) -> tuple[Slot, list[int], AsyncIterator]:
     """Admit, encode, start generating: the part of a chat request's life every chat-shaped API shares."""
-    slot = await owner.enter_async_context(
-        svc.admission.slot(plan.sequences, request_id, tenant=caller.tenant, timer=timer)
-    )
-    prompt = await _encode_chat(svc, plan)
+    trace = timer.trace
+    with trace.phase("admission"):
+        slot = await owner.enter_async_context(
+            svc.admission.slot(plan.sequences, request_id, tenant=caller.tenant, timer=timer)
+        )
+    with trace.phase("template"):
+        prompt = await _encode_chat(svc, plan)
     (options,) = caller.apply(protocol.sampling_options(plan, [len(prompt)], svc.limits))
     engine_id = slot.engine_ids[0]
     steps = slot.track(caller.within(svc.engine.generate(prompt, options, engine_id)), engine_id)
@@ -173,20 +183,23 @@ async def completion(
     caller = _caller(svc, raw, req.model, req.priority, plan)
     timer = RequestTimer(svc.metrics, "/v1/completions", caller.tenant)
     async with AsyncExitStack() as owner:
-        slot = await owner.enter_async_context(
-            svc.admission.slot(
-                plan.sequences,
-                f"cmpl-{request_id}",
-                engine_requests=len(plan.prompts),
-                tenant=caller.tenant,
-                timer=timer,
+        trace = _trace(svc, raw, caller, timer, owner, request_id)
+        with trace.phase("admission"):
+            slot = await owner.enter_async_context(
+                svc.admission.slot(
+                    plan.sequences,
+                    f"cmpl-{request_id}",
+                    engine_requests=len(plan.prompts),
+                    tenant=caller.tenant,
+                    timer=timer,
+                )
             )
-        )
         env = render.Envelope(slot.request_id, int(time.time()), caller.model)
-        prompts = [
-            p if isinstance(p, list) else await _encode(svc.template.encode_text, p, len(p))
-            for p in plan.prompts
-        ]
+        with trace.phase("template"):
+            prompts = [
+                p if isinstance(p, list) else await _encode(svc.template.encode_text, p, len(p))
+                for p in plan.prompts
+            ]
         options = caller.apply(protocol.sampling_options(plan, [len(p) for p in prompts], limits))
         steps = slot.track(caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids)))
         echo = (
@@ -243,6 +256,26 @@ class Caller:
 
     def within(self, steps: AsyncIterator[T]) -> AsyncIterator[T]:
         return steps if self.timeout is None else _within(steps, self.start + self.timeout, self.timeout)
+
+
+def _trace(
+    svc: Services, raw: Request, caller: Caller, timer: RequestTimer, owner: AsyncExitStack, request_id: str
+) -> tracing.RequestTrace:
+    """The request's span (a child of its traceparent), ended with its response or stream."""
+    trace = tracing.RequestTrace(
+        svc.tracer,
+        f"POST {timer.route}",
+        raw.headers,
+        {
+            "dsv2.request_id": request_id,
+            "dsv2.key": caller.tenant.name,
+            "gen_ai.request.model": caller.model,
+            "http.route": timer.route,
+        },
+    )
+    timer.trace = trace
+    owner.push(trace)
+    return trace
 
 
 def _caller(svc: Services, raw: Request, model: str, priority: int | None, plan: protocol.Plan) -> Caller:
