@@ -45,6 +45,7 @@ test: $(STAMP) ## install and run the whole test suite
 	@if [ -f scripts/install-actionlint.sh ]; then bash scripts/install-actionlint.sh; fi
 	@if [ -f scripts/install-k8s-tools.sh ]; then bash scripts/install-k8s-tools.sh; fi
 	@bash scripts/install-browser.sh
+	@bash scripts/install-prometheus.sh >/dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests that start no vLLM engine

@@ -358,9 +358,16 @@ def parse_serve(args: list[str]) -> list[str]:
     return extra
 
 
-def test_entrypoint_is_the_serve_command(dockerfile: Dockerfile, serve_help: str) -> None:
+def test_entrypoint_is_the_serve_command_under_tini(dockerfile: Dockerfile, serve_help: str) -> None:
+    """tini is PID 1 (forwards SIGTERM to the gateway, reaps vLLM's workers), installed in the image itself."""
     (entrypoint,) = of(dockerfile.final, "ENTRYPOINT")
-    assert exec_form(entrypoint.args) == ["python", "-m", "server", "serve"]
+    assert exec_form(entrypoint.args) == ["tini", "--", "python", "-m", "server", "serve"]
+    installs = " ".join(
+        i.args for s in dockerfile.stages for i in of(s, "RUN") if "apt-get install" in i.args
+    )
+    assert re.search(r"(^|\s)tini(=\S+)?(\s|$)", installs), "tini is not installed"
+    if dockerfile.path.name.endswith(".cpu"):
+        assert "tini=0.19.0-1+b3" in installs, "Debian packages of the CPU image are pinned"
     cmd_args = [a for i in of(dockerfile.final, "CMD") for a in exec_form(i.args)]
     assert parse_serve(cmd_args) == [], f"CMD passes flags the server does not know: {cmd_args}"
     for flag in (a.split("=")[0] for a in cmd_args if a.startswith("--")):
@@ -426,6 +433,51 @@ def test_documented_env_table_covers_every_flag() -> None:
     for flag, _ in _FLAGS:
         var = "DSV2_" + flag[2:].replace("-", "_").upper()
         assert re.search(rf"\| `{var}` \| `{flag}` \|", doc), f"docs/docker.md lacks the {var} row"
+
+
+def test_compose_leaves_pid_1_to_the_image(compose: dict) -> None:
+    for name, svc in compose["services"].items():
+        if "build" in svc:
+            assert not svc.get("init"), f"{name}: Docker's init in front of the image's tini"
+
+
+# ---- the CUDA image -------------------------------------------------------------------------------------
+
+# What vLLM's own image installs on its CUDA base for kernels compiled at run time (vllm-project/vllm,
+# docker/Dockerfile, vllm-base stage: "Install CUDA development tools for runtime JIT compilation (FlashInfer,
+# DeepGEMM, EP kernels all require compilation at runtime)"), as -dev packages where our runtime base already
+# has the libraries.
+CUDA_JIT_PACKAGES = ["cuda-nvcc", "cuda-cudart-dev", "cuda-nvrtc-dev", "cuda-cuobjdump", "libcurand-dev"]
+
+
+def test_cuda_image_carries_the_jit_toolchain() -> None:
+    df = read_dockerfile(DOCKER / "Dockerfile")
+    base = df.stages[0].image
+    m = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(runtime|devel|base)-", base)
+    assert m, base
+    dash = f"{m[1]}-{m[2]}"
+    installed = " ".join(i.args for s in df.stages for i in of(s, "RUN") if "apt-get install" in i.args)
+    stages_with_jit = [s for s in df.stages if any("cuda-nvcc" in i.args for i in of(s, "RUN"))]
+    assert stages_with_jit and stages_with_jit[0].name == "base", (
+        "the runtime stage (FROM base) must carry nvcc"
+    )
+    assert df.final.image == "base"
+    for package in CUDA_JIT_PACKAGES:
+        assert f"{package}-{dash}" in installed, f"{package}-{dash} (CUDA {m[1]}.{m[2]}, the base image's)"
+    assert "libnccl-dev=" in installed and "g++" in installed and "python3.12-dev" in installed
+    env = {**env_of(df.stages[0]), **env_of(df.final)}
+    assert env["CUDA_HOME"] == "/usr/local/cuda"
+    for key in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE",
+                "DG_JIT_CACHE_DIR", "CUDA_CACHE_PATH"):  # fmt: skip
+        assert env[key].startswith("/cache/"), f"{key} off the cache volume: compiled again on every start"
+
+
+def test_driver_requirement_is_documented() -> None:
+    """CUDA 13.0 user-space libraries need an NVIDIA driver of the 580 branch or newer on the host."""
+    for doc in (ROOT / "README.md", DOCS, ROOT / "docs" / "kubernetes.md"):
+        assert re.search(
+            r"driver[^.\n]*(>=|≥|or newer than|at least)\s*580|580[^.\n]*driver", doc.read_text()
+        ), f"{doc.relative_to(ROOT)} does not state the host driver requirement (>= 580)"
 
 
 # ---- the CPU image --------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""deploy/: every Kustomize variant renders, passes `kubernetes-validate --strict` for Kubernetes 1.29-1.33, and
-agrees with the server it deploys (its CLI, its settings, its routes, vLLM's flags and metric names).
+"""deploy/: every Kustomize variant renders, passes `kubernetes-validate --strict` for Kubernetes 1.29-1.33, its
+custom resources validate against their CRDs' schemas, and it agrees with the server it deploys (its CLI, its
+settings, its routes and readiness, vLLM's flags and metric names).
 
 Offline. Needs kubectl (for `kubectl kustomize`) and kubernetes-validate, both installed by
-`scripts/install-k8s-tools.sh`; set KUBECTL to use another kubectl (>= 1.27, kustomize v5).
+`scripts/install-k8s-tools.sh`; set KUBECTL to use another kubectl (>= 1.27, kustomize v5). The CRDs come from
+../shared/k8s-crds (upstream files, see its README); those checks skip, saying why, where it is absent.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import json
 import os
 import re
 import shutil
@@ -24,16 +27,29 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 
-# Custom resources: kubernetes-validate ships no schema for them (it would only warn), so they are
-# kept out of its input and checked field by field in test_custom_resources_structure.
-CRD_API_VERSIONS = {"ServiceMonitor": "monitoring.coreos.com/v1", "ScaledObject": "keda.sh/v1alpha1"}
+# Custom resources: kubernetes-validate ships no schema for them (it would only warn), so they are kept out
+# of its input, validated against their CRDs (test_custom_resources_match_their_crds) and checked field by
+# field for their wiring.
+CRD_API_VERSIONS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+    "HTTPRoute": "gateway.networking.k8s.io/v1",
+    "InferencePool": "inference.networking.k8s.io/v1",
+}
+CRDS = ROOT.parent / "shared" / "k8s-crds"
 
 # Overlay -> GPUs per pod it is meant to use (0 = CPU). The GPU count must also equal the overlay's own
 # --tensor-parallel-size; this table catches an overlay that drifted from its purpose.
 OVERLAYS = {"bf16": 1, "awq": 1, "tp2": 2, "cpu-demo": 0}
 GPU_OVERLAYS = [name for name, gpus in OVERLAYS.items() if gpus]
-# Each GPU overlay is also rendered with KEDA in place of the HPA and with the Ingress component on.
-VARIANTS = [*OVERLAYS, *(f"{name}+keda+ingress" for name in GPU_OVERLAYS)]
+# Each GPU overlay is also rendered with the other documented component choices: KEDA in place of the HPA
+# with the Ingress on; LLM-aware routing (inference-pool); the plain Gateway API route (httproute).
+EXTRAS = ["keda+ingress", "inference", "httproute"]
+VARIANTS = [*OVERLAYS, *(f"{name}+{extra}" for extra in EXTRAS for name in GPU_OVERLAYS)]
+
+# The endpoint picker release the inference-pool component pins (its InferencePool v1 API is the CRD's).
+EPP_IMAGE = "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"
 
 # The gateway's endpoints as documented (docs/kubernetes.md, server/gateway): checked against the real
 # app in test_gateway_routes_include_probe_paths when server.gateway.app.create_app exists.
@@ -64,14 +80,19 @@ def _kustomize(directory: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
-def _swap_in_keda_and_ingress(tree: Path, overlay: str) -> Path:
-    """Edit a copy of the overlay as docs/kubernetes.md tells users to: keda for hpa, ingress on."""
+def _edit_components(tree: Path, overlay: str, extra: str) -> Path:
+    """Edit a copy of the overlay as docs/kubernetes.md tells users to: keda for hpa, or a routing component on."""
     path = tree / "overlays" / overlay / "kustomization.yaml"
     kustomization = yaml.safe_load(path.read_text())
     components = kustomization["components"]
     assert "../../components/hpa" in components, f"{overlay}: expected the hpa component by default"
-    components[components.index("../../components/hpa")] = "../../components/keda"
-    components.append("../../components/ingress")
+    if extra == "keda+ingress":
+        components[components.index("../../components/hpa")] = "../../components/keda"
+        components.append("../../components/ingress")
+    else:
+        components.append(
+            {"inference": "../../components/inference-pool", "httproute": "../../components/httproute"}[extra]
+        )
     path.write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return path.parent
 
@@ -79,10 +100,11 @@ def _swap_in_keda_and_ingress(tree: Path, overlay: str) -> Path:
 @pytest.fixture(scope="session")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     out = {name: _kustomize(DEPLOY / "overlays" / name) for name in OVERLAYS}
-    tree = tmp_path_factory.mktemp("deploy") / "deploy"
-    shutil.copytree(DEPLOY, tree)
-    for name in GPU_OVERLAYS:
-        out[f"{name}+keda+ingress"] = _kustomize(_swap_in_keda_and_ingress(tree, name))
+    for extra in EXTRAS:
+        tree = tmp_path_factory.mktemp("deploy") / "deploy"
+        shutil.copytree(DEPLOY, tree)
+        for name in GPU_OVERLAYS:
+            out[f"{name}+{extra}"] = _kustomize(_edit_components(tree, name, extra))
     return out
 
 
@@ -98,8 +120,16 @@ def _maybe(docs: list[dict], kind: str) -> dict | None:
     return found[0] if found else None
 
 
+def _mine(docs: list[dict], kind: str) -> dict:
+    """The server's resource of `kind` (app.kubernetes.io/name dsv2-serve), beside the endpoint picker's."""
+    return _one(
+        [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "dsv2-serve"],
+        kind,
+    )
+
+
 def _pod(docs: list[dict]) -> dict:
-    return _one(docs, "Deployment")["spec"]["template"]
+    return _mine(docs, "Deployment")["spec"]["template"]
 
 
 def _server(docs: list[dict]) -> dict:
@@ -159,10 +189,115 @@ def test_kubernetes_validate_strict(variant: tuple[str, list[dict]], tmp_path: P
     assert len(passed) == len(core) * len(K8S_VERSIONS), proc.stdout
 
 
-def test_kubernetes_validate_strict_on_standalone_manifests(tmp_path: Path) -> None:
-    for path in sorted((DEPLOY / "monitoring").glob("*.yaml")):
-        proc = _kubernetes_validate(path)
-        assert proc.returncode == 0 and "WARN" not in proc.stdout, proc.stdout + proc.stderr
+def test_kubernetes_validate_strict_on_monitoring(tmp_path: Path) -> None:
+    """deploy/monitoring: the adapter's ConfigMap (applied on its own) and the kustomization's built-in resources."""
+    proc = _kubernetes_validate(DEPLOY / "monitoring" / "prometheus-adapter-config.yaml")
+    assert proc.returncode == 0 and "WARN" not in proc.stdout, proc.stdout + proc.stderr
+    core = [d for d in _kustomize(DEPLOY / "monitoring") if d["kind"] not in CRD_API_VERSIONS]
+    assert [d["kind"] for d in core] == ["ConfigMap"]
+    path = tmp_path / "monitoring.yaml"
+    path.write_text(yaml.safe_dump_all(core))
+    proc = _kubernetes_validate(path)
+    assert proc.returncode == 0 and "WARN" not in proc.stdout, proc.stdout + proc.stderr
+
+
+# ---- custom resources against their CRDs ------------------------------------------------------------------
+
+
+def _structural(schema: dict, strict: bool = True) -> dict:
+    """A CRD's openAPIV3Schema as JSON Schema with the API server's rules: unknown fields are errors (kubectl's
+    default field validation is Strict) unless x-kubernetes-preserve-unknown-fields; int-or-string and
+    nullable as declared. Branches of anyOf/allOf/oneOf/not only add constraints, so they stay open."""
+    out = dict(schema)
+    if out.pop("x-kubernetes-int-or-string", False):
+        out.pop("type", None)
+        out["type"] = ["integer", "string"]
+    if out.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in out:
+        out["properties"] = {k: _structural(v) for k, v in out["properties"].items()}
+        if (
+            strict
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+            and "additionalProperties" not in out
+        ):
+            out["additionalProperties"] = False
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _structural(out["additionalProperties"])
+    if "items" in out:
+        out["items"] = _structural(out["items"])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [_structural(branch, strict=False) for branch in out[key]]
+    if "not" in out:
+        out["not"] = _structural(out["not"], strict=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> JSON Schema, for every served version of every CRD in ../shared/k8s-crds."""
+    if not CRDS.is_dir():
+        pytest.skip(
+            f"{CRDS} is absent (it comes with ../shared, as in CI): custom resources not schema-checked"
+        )
+    schemas = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            if version["served"] and not version.get("deprecated"):
+                schemas[(f"{group}/{version['name']}", kind)] = _structural(
+                    version["schema"]["openAPIV3Schema"]
+                )
+    return schemas
+
+
+def _crd_errors(doc: dict, schemas: dict[tuple[str, str], dict]) -> list[str]:
+    from jsonschema import Draft7Validator
+
+    key = (doc["apiVersion"], doc["kind"])
+    assert key in schemas, f"no served, non-deprecated CRD version for {key} in {CRDS}"
+    errors = Draft7Validator(schemas[key]).iter_errors(doc)
+    return [
+        f"{doc['kind']}/{doc['metadata']['name']} {'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in errors
+    ]
+
+
+def test_custom_resources_match_their_crds(variant: tuple[str, list[dict]], crd_schemas: dict) -> None:
+    """Every custom resource of the render against its CRD's schema: fields, types, enums, patterns, required
+    fields, unknown fields. (CEL x-kubernetes-validations rules are the API server's; they are not run here.)"""
+    _, docs = variant
+    custom = [d for d in docs if d["kind"] in CRD_API_VERSIONS]
+    for doc in custom:
+        assert doc["apiVersion"] == CRD_API_VERSIONS[doc["kind"]], doc["apiVersion"]
+        assert not _crd_errors(doc, crd_schemas), _crd_errors(doc, crd_schemas)
+
+
+def test_monitoring_custom_resources_match_their_crds(crd_schemas: dict) -> None:
+    custom = [d for d in _kustomize(DEPLOY / "monitoring") if d["kind"] in CRD_API_VERSIONS]
+    assert [d["kind"] for d in custom] == ["PrometheusRule"]
+    assert not _crd_errors(custom[0], crd_schemas), _crd_errors(custom[0], crd_schemas)
+
+
+def test_crd_validation_rejects_bad_custom_resources(
+    rendered: dict[str, list[dict]], crd_schemas: dict
+) -> None:
+    """The check above can fail: an unknown field, a wrong type and a bad enum value in real renders."""
+    pool = copy.deepcopy(_one(rendered["bf16+inference"], "InferencePool"))
+    assert not _crd_errors(pool, crd_schemas)
+    pool["spec"]["targetPorts"][0]["number"] = "8000"
+    assert _crd_errors(pool, crd_schemas)
+    pool = copy.deepcopy(_one(rendered["bf16+inference"], "InferencePool"))
+    pool["spec"]["endpointPickerRef"]["failureMode"] = "FailSoft"
+    assert _crd_errors(pool, crd_schemas)
+    monitor = copy.deepcopy(_one(rendered["bf16"], "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["scrapeInterval"] = "15s"  # the field is `interval`
+    assert _crd_errors(monitor, crd_schemas)
+    route = copy.deepcopy(_one(rendered["bf16+httproute"], "HTTPRoute"))
+    route["spec"]["rules"][0]["timeouts"]["request"] = "one hour"
+    assert _crd_errors(route, crd_schemas)
 
 
 def test_kubernetes_validate_rejects_bad_manifests(rendered: dict[str, list[dict]], tmp_path: Path) -> None:
@@ -187,7 +322,7 @@ def test_custom_resources_structure(variant: tuple[str, list[dict]]) -> None:
             assert doc["apiVersion"] == CRD_API_VERSIONS[doc["kind"]]
             assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, sorted(doc)
 
-    service = _one(docs, "Service")
+    service = _mine(docs, "Service")
     service_ports = {p["name"] for p in service["spec"]["ports"]}
     monitor = _maybe(docs, "ServiceMonitor")
     if OVERLAYS[_overlay(name)]:
@@ -210,7 +345,7 @@ def test_custom_resources_structure(variant: tuple[str, list[dict]]) -> None:
     assert (scaled is not None) == ("keda" in name)
     if scaled is not None:
         spec = scaled["spec"]
-        deployment = _one(docs, "Deployment")
+        deployment = _mine(docs, "Deployment")
         assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
         assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
@@ -227,9 +362,9 @@ def test_custom_resources_structure(variant: tuple[str, list[dict]]) -> None:
 
 
 def _seconds(duration: str) -> float:
-    m = re.fullmatch(r"(\d+)(s|m)", duration)
+    m = re.fullmatch(r"(\d+)(s|m|h)", duration)
     assert m, duration
-    return int(m[1]) * (60 if m[2] == "m" else 1)
+    return int(m[1]) * {"s": 1, "m": 60, "h": 3600}[m[2]]
 
 
 # ---- the server it runs -----------------------------------------------------------------------------------
@@ -353,6 +488,38 @@ def test_probes_and_port_match_gateway(
     budget = startup["periodSeconds"] * startup["failureThreshold"]
     assert budget >= (1200 if _server(docs)["resources"]["limits"].get("nvidia.com/gpu") else 120), budget
 
+    # Readiness as the gateway computes it (server/gateway/health.py): an idle pod refreshes its proof on a
+    # /ready older than half the window, so probes at most half a window apart always find it proven; when
+    # the proof has run out, /ready waits up to PROBE_WAIT_S for a one-token generation.
+    from server.gateway.health import PROBE_WAIT_S
+
+    ready = server["readinessProbe"]
+    assert ready["periodSeconds"] <= settings.readiness_window_seconds / 2
+    assert ready["timeoutSeconds"] >= PROBE_WAIT_S + 2, "room for the probe wait on a loaded node"
+    assert ready["failureThreshold"] * ready["periodSeconds"] <= 15, "a drained pod leaves the endpoints fast"
+    live = server["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60, (
+        "liveness waits out a minute on top of the stall"
+    )
+    assert settings.liveness_stall_seconds >= 60
+
+
+def test_keep_alive_outlasts_proxies(
+    variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle upstream connection must be closed by the proxy, never by the server under it: the gateway's
+    keep-alive stays above the 60 s upstream keep-alive of nginx and cloud load balancers (stray 502s)."""
+    _, docs = variant
+    settings, _ = _resolve_settings(docs, monkeypatch)
+    assert "DSV2_TIMEOUT_KEEP_ALIVE" in _settings_env(docs), (
+        "stated in the manifests, not left to the default"
+    )
+    assert settings.timeout_keep_alive > 60
+    assert (
+        f"DSV2_TIMEOUT_KEEP_ALIVE={settings.timeout_keep_alive}"
+        in (ROOT / "docs" / "kubernetes.md").read_text()
+    )
+
 
 def test_gateway_routes_include_probe_paths() -> None:
     try:
@@ -418,9 +585,74 @@ def test_resources_sized(variant: tuple[str, list[dict]]) -> None:
         assert {"cpu", "memory"} <= set(resources["requests"]), container["name"]
         assert "memory" in resources["limits"], container["name"]
         assert _bytes(resources["requests"]["memory"]) <= _bytes(resources["limits"]["memory"])
+        # Node disk: requested so the scheduler places the pod where it fits, limited so it cannot fill the node.
+        assert _bytes(resources["requests"]["ephemeral-storage"]) <= _bytes(
+            resources["limits"]["ephemeral-storage"]
+        )
     # /dev/shm (RAM-backed) counts against the memory limit: it must leave room for the process itself.
     shm = _bytes(volumes["dshm"]["emptyDir"]["sizeLimit"])
     assert shm <= _bytes(_server(docs)["resources"]["limits"]["memory"]) // 4
+    # The disk-backed emptyDirs the server mounts fit in its ephemeral-storage limit.
+    server = _server(docs)
+    on_disk = {m["name"] for m in server["volumeMounts"]} & {
+        name for name, v in volumes.items() if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+    }
+    assert on_disk >= {"cache", "tmp"}
+    total = sum(_bytes(volumes[name]["emptyDir"]["sizeLimit"]) for name in on_disk)
+    assert total <= _bytes(server["resources"]["limits"]["ephemeral-storage"])
+
+
+def test_compile_caches_on_the_model_volume(variant: tuple[str, list[dict]]) -> None:
+    """Every compiler's cache under /cache/compile, which is the model PVC (survives restarts, shared by
+    replicas) wherever there is one, and the cache emptyDir otherwise (CPU demo)."""
+    name, docs = variant
+    server = _server(docs)
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    caches = ["VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH",
+              "FLASHINFER_WORKSPACE_BASE", "DG_JIT_CACHE_DIR"]  # fmt: skip
+    assert all(env[key].startswith("/cache/compile/") for key in caches), env
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(docs)["spec"]["volumes"]}
+    if OVERLAYS[_overlay(name)]:
+        assert "persistentVolumeClaim" in volumes[mounts["/cache/compile"]["name"]]
+    else:
+        assert "/cache/compile" not in mounts and "emptyDir" in volumes[mounts["/cache"]["name"]]
+
+
+def test_topology_spread(variant: tuple[str, list[dict]]) -> None:
+    _, docs = variant
+    deployment = _mine(docs, "Deployment")
+    constraints = {c["topologyKey"]: c for c in _pod(docs)["spec"]["topologySpreadConstraints"]}
+    assert set(constraints) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in constraints.values():
+        assert constraint["maxSkew"] == 1
+        # GPUs are scarce: spread where possible, never leave a replica pending for it.
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        assert constraint["matchLabelKeys"] == ["pod-template-hash"], (
+            "old and new pods spread each on their own"
+        )
+
+
+def test_network_policy_egress(variant: tuple[str, list[dict]]) -> None:
+    """DNS reaches CoreDNS and NodeLocal DNSCache (169.254.20.10, host network); HTTPS only public addresses."""
+    _, docs = variant
+    egress = _one(docs, "NetworkPolicy")["spec"]["egress"]
+    (dns,) = [r for r in egress if {p["port"] for p in r["ports"]} == {53}]
+    assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
+    peers = dns["to"]
+    assert {"kubernetes.io/metadata.name": "kube-system"} in [
+        p.get("namespaceSelector", {}).get("matchLabels") for p in peers
+    ]
+    assert {"cidr": "169.254.20.10/32"} in [p.get("ipBlock") for p in peers]
+    (https,) = [r for r in egress if {p["port"] for p in r["ports"]} == {443}]
+    (block,) = [p["ipBlock"] for p in https["to"]]
+    assert (
+        block["cidr"] == "0.0.0.0/0"
+        and "169.254.0.0/16" in block["except"]
+        and "10.0.0.0/8" in block["except"]
+    )
+    assert len(egress) == 2, "nothing else leaves the pods"
 
 
 def _bytes(quantity: str) -> int:
@@ -449,14 +681,14 @@ def test_images_pinned(rendered: dict[str, list[dict]]) -> None:
 
 def test_selectors_select_the_pods(variant: tuple[str, list[dict]]) -> None:
     name, docs = variant
-    deployment = _one(docs, "Deployment")
+    deployment = _mine(docs, "Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     instance = labels["app.kubernetes.io/instance"]
     assert instance == f"dsv2-serve-{_overlay(name)}"
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == instance
 
-    service = _one(docs, "Service")
+    service = _mine(docs, "Service")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in _server(docs)["ports"]}
 
@@ -473,7 +705,7 @@ def test_selectors_select_the_pods(variant: tuple[str, list[dict]]) -> None:
             # namespace) is safe from that.
             assert peer.get("podSelector", {}) == {}, peer
 
-    account = _one(docs, "ServiceAccount")
+    account = _mine(docs, "ServiceAccount")
     assert _pod(docs)["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
     # A replica count in the manifest would be re-applied over the autoscaler's (or kubectl scale's).
@@ -495,6 +727,107 @@ def test_selectors_select_the_pods(variant: tuple[str, list[dict]]) -> None:
                 backend = path["backend"]["service"]
                 assert backend["name"] == service["metadata"]["name"]
                 assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_routes_expose_only_the_api(variant: tuple[str, list[dict]]) -> None:
+    """The Gateway API routes: /v1 only, to this variant's Service or InferencePool, with a stream-long timeout."""
+    name, docs = variant
+    route = _maybe(docs, "HTTPRoute")
+    assert (route is not None) == name.endswith(("+inference", "+httproute"))
+    if route is None:
+        return
+    assert route["spec"]["parentRefs"] and all(
+        ref["kind"] == "Gateway" for ref in route["spec"]["parentRefs"]
+    )
+    for rule in route["spec"]["rules"]:
+        assert [m["path"] for m in rule["matches"]] == [{"type": "PathPrefix", "value": "/v1"}]
+        assert _seconds(rule["timeouts"]["request"]) >= 600, "long streams must not hit the route's timeout"
+        (backend,) = rule["backendRefs"]
+        if name.endswith("+inference"):
+            assert (backend["group"], backend["kind"]) == ("inference.networking.k8s.io", "InferencePool")
+            assert backend["name"] == _one(docs, "InferencePool")["metadata"]["name"]
+        else:
+            service = _mine(docs, "Service")
+            assert (
+                backend.get("kind", "Service") == "Service" and backend["name"] == service["metadata"]["name"]
+            )
+            assert backend["port"] in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_endpoint_picker_serves_this_variants_pool(variant: tuple[str, list[dict]]) -> None:
+    """InferencePool -> picker Service -> picker pod -> --pool-name -> the pool; the pool selects exactly the
+    server pods on the gateway's port; the picker may read what it needs and nothing else."""
+    name, docs = variant
+    pool = _maybe(docs, "InferencePool")
+    assert (pool is not None) == name.endswith("+inference")
+    if pool is None:
+        return
+    server = _mine(docs, "Deployment")
+    server_labels = server["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [GATEWAY_PORT]
+    assert pool["spec"]["endpointPickerRef"]["failureMode"] == "FailOpen"
+
+    (picker,) = [d for d in docs if d["kind"] == "Deployment" and d is not server]
+    pod = picker["spec"]["template"]
+    picker_labels = pod["metadata"]["labels"]
+    assert not _selects(pool["spec"]["selector"]["matchLabels"], picker_labels), (
+        "the picker is no pool member"
+    )
+    for kind in ("Service", "PodDisruptionBudget"):
+        selector = _mine(docs, kind)["spec"]["selector"]
+        assert not _selects(selector.get("matchLabels", selector), picker_labels), (
+            f"the server's {kind} takes the picker"
+        )
+    ref = pool["spec"]["endpointPickerRef"]
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == ref["name"]]
+    assert _selects(service["spec"]["selector"], picker_labels) and not _selects(
+        service["spec"]["selector"], server_labels
+    )
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    (epp,) = pod["spec"]["containers"]
+    container_ports = {p["name"]: p["containerPort"] for p in epp["ports"]}
+    args = epp["args"]
+    flag = {
+        args[i]: args[i + 1]
+        for i in range(len(args) - 1)
+        if args[i].startswith("--") and not args[i + 1].startswith("--")
+    }
+    assert container_ports[port["targetPort"]] == int(flag["--grpc-port"])
+    assert flag["--pool-name"] == pool["metadata"]["name"], (
+        "the overlay's replacement names this variant's pool"
+    )
+    assert flag["--pool-group"] == "inference.networking.k8s.io"
+    assert epp["image"] == EPP_IMAGE and epp["imagePullPolicy"] == "IfNotPresent"
+    (config_mount,) = [
+        m for m in epp["volumeMounts"] if flag["--config-file"].startswith(m["mountPath"] + "/")
+    ]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == config_mount["name"]]
+    (configmap,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    picker_config = yaml.safe_load(configmap["data"][flag["--config-file"].rsplit("/", 1)[1]])
+    assert picker_config["kind"] == "EndpointPickerConfig"
+
+    # Least privilege: read its pool and pods in its own namespace; hardened like the server.
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert {(tuple(r["apiGroups"]), tuple(r["resources"])) for r in role["rules"]} == {
+        (("inference.networking.k8s.io",), ("inferencepools",)),
+        (("",), ("pods",)),
+    }
+    assert all(set(r["verbs"]) == {"get", "watch", "list"} for r in role["rules"])
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["spec"]["serviceAccountName"]}]
+    assert not any(d["kind"].startswith("Cluster") for d in docs), "no cluster-wide rights"
+    sc = epp["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert {"cpu", "memory", "ephemeral-storage"} <= set(epp["resources"]["requests"])
 
 
 def test_ingress_streams_unbuffered(rendered: dict[str, list[dict]], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -535,7 +868,7 @@ def test_autoscalers_use_vllm_gauges_through_the_adapter(rendered: dict[str, lis
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
         docs = rendered[f"{name}+keda+ingress"]
-        service = _one(docs, "Service")["metadata"]["name"]
+        service = _mine(docs, "Service")["metadata"]["name"]
         queried = set()
         for trigger in _one(docs, "ScaledObject")["spec"]["triggers"]:
             query = trigger["metadata"]["query"]
@@ -548,7 +881,8 @@ def test_autoscalers_use_vllm_gauges_through_the_adapter(rendered: dict[str, lis
 def test_model_download_fills_the_model_directory(
     variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Run the init container's script with a stand-in huggingface_hub: it must write where --model reads."""
+    """Run the init container's script with a stand-in huggingface_hub (and the PVC in a temporary directory):
+    it must write where --model reads, under the pinned commit, and create the compile-cache directory."""
     name, docs = variant
     settings, _ = _resolve_settings(docs, monkeypatch)
     init = {c["name"]: c for c in _pod(docs)["spec"].get("initContainers", [])}
@@ -571,19 +905,38 @@ def test_model_download_fills_the_model_directory(
     monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    exec(compile(download["args"][0], "download-model", "exec"), {})
+    monkeypatch.setenv("MODEL_ROOT", str(tmp_path))  # the PVC's mount point, here
+    script = compile(download["args"][0], "download-model", "exec")
+    exec(script, {})
 
     (call,) = calls
-    assert (
-        call["repo_id"] == configmap["HF_MODEL_REPO"] and call["revision"] == configmap["HF_MODEL_REVISION"]
+    revision = configmap["HF_MODEL_REVISION"]
+    assert call["repo_id"] == configmap["HF_MODEL_REPO"] and call["revision"] == revision
+    assert re.fullmatch(r"[0-9a-f]{40}", revision), "the model revision is pinned to a commit"
+    root = env["MODEL_ROOT"]
+    assert settings.model == f"{root}/{configmap['HF_MODEL_REPO']}/{revision}", "the revision is in the path"
+    assert call["local_dir"] == str(tmp_path) + settings.model[len(root) :], (
+        "--model must be the directory the init container fills"
     )
-    assert call["local_dir"] == settings.model, "--model must be the directory the init container fills"
     assert "*.safetensors" in call["allow_patterns"] and "*.json" in call["allow_patterns"]
+    # A branch or tag is refused before anything is downloaded.
+    monkeypatch.setenv("HF_MODEL_REVISION", "main")
+    with pytest.raises(SystemExit, match="not a commit sha"):
+        exec(script, {})
+    assert len(calls) == 1
 
-    # Same volume, same path, in both containers; the volume is the PVC.
+    # Same volume, same path, in both containers; the volume is the PVC. The server also mounts the PVC's
+    # compile-cache directory (created by the script) where every compiler's cache points.
     init_mount = {m["name"]: m["mountPath"] for m in download["volumeMounts"]}
-    server_mount = {m["name"]: m["mountPath"] for m in _server(docs)["volumeMounts"]}
-    assert init_mount["models"] == server_mount["models"] == env["MODEL_ROOT"]
+    server_mounts = {m["mountPath"]: m for m in _server(docs)["volumeMounts"]}
+    assert init_mount["models"] == root and server_mounts[root]["name"] == "models"
+    assert server_mounts[root]["readOnly"] is True and "subPath" not in server_mounts[root]
+    compile_mount = server_mounts["/cache/compile"]
+    assert compile_mount["name"] == "models" and not compile_mount.get("readOnly")
+    assert (
+        compile_mount["subPath"] == env["COMPILE_CACHE_DIR"]
+        and (tmp_path / env["COMPILE_CACHE_DIR"]).is_dir()
+    )
     (claim,) = [v for v in _pod(docs)["spec"]["volumes"] if v["name"] == "models"]
     assert set(claim) == {"name", "persistentVolumeClaim"}
     assert (
@@ -657,7 +1010,7 @@ def test_multinode_example_is_valid(tmp_path: Path, vllm_parser, monkeypatch: py
     assert settings.tensor_parallel_size * settings.pipeline_parallel_size == gpus * nodes
 
     (worker,) = template["workerTemplate"]["spec"]["containers"]
-    assert worker["command"] == ["vllm", "serve"]
+    assert worker["command"] == ["tini", "--", "vllm", "serve"], "under the image's init, as the leader"
     top = type(vllm_parser)()
     serve = ServeSubcommand().subparser_init(top.add_subparsers())
     for arg in worker["args"][1:]:  # after the positional model
@@ -690,6 +1043,9 @@ def test_one_resource_per_file() -> None:
 
 def test_every_file_and_setting_commented() -> None:
     for path in _deploy_files():
+        if path.suffix == ".json":  # JSON has no comments: the dashboard says what it is in its description
+            assert json.loads(path.read_text())["description"]
+            continue
         lines = path.read_text().splitlines()
         assert lines and lines[0].startswith("#"), (
             f"{path.relative_to(ROOT)}: start with what the file is for"

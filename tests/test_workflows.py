@@ -132,12 +132,13 @@ def test_install_actionlint_is_quick_when_installed(actionlint: Path) -> None:
 
 
 def all_uses() -> list[tuple[Path, str]]:
-    """Every `uses:` line in every workflow, as written (the comment matters)."""
+    """Every `uses:` line in every workflow, as written (the comment matters). Local reusable workflows
+    (`uses: ./.github/workflows/...`) are this commit's own files: nothing to pin."""
     return [
         (path, line)
         for path in WORKFLOWS
         for line in path.read_text().splitlines()
-        if re.match(r"^\s*(-\s+)?uses:", line)
+        if re.match(r"^\s*(-\s+)?uses:", line) and not re.match(r"^\s*(-\s+)?uses:\s+\./", line)
     ]
 
 
@@ -233,14 +234,18 @@ def test_images_permissions_are_minimal() -> None:
     )
     for name, job in images["jobs"].items():
         perms = job["permissions"]
+        if "uses" in job:  # the called CI only reads
+            assert perms == {"contents": "read"}, f"{name}: {perms}"
+            continue
         assert perms.get("packages") == "write", f"{name} cannot push to ghcr.io"
+        assert perms.get("id-token") == "write", f"{name} cannot sign keylessly (no OIDC token)"
         for scope, level in perms.items():
             assert level in allowed.get(scope, set()), f"{name}: {scope}: {level} is more than it needs"
 
 
 def test_images_build_both_dockerfiles_with_cache_sbom_and_provenance() -> None:
     images = workflow("images.yml")
-    (job,) = images["jobs"].values()
+    job = images["jobs"]["image"]
     matrix = job["strategy"]["matrix"]["include"]
     dockerfiles = {entry["dockerfile"] for entry in matrix}
     assert dockerfiles == {"docker/Dockerfile", "docker/Dockerfile.cpu"}
@@ -250,11 +255,14 @@ def test_images_build_both_dockerfiles_with_cache_sbom_and_provenance() -> None:
     for action in ("docker/setup-buildx-action", "docker/login-action", "docker/metadata-action"):
         assert action in by_action, f"{action} not used"
     assert by_action["docker/login-action"]["with"]["registry"] == "ghcr.io"
-    assert by_action["docker/metadata-action"]["with"]["images"].startswith("ghcr.io/")
+    assert by_action["docker/metadata-action"]["with"]["images"] == "${{ env.IMAGE }}"
+    assert job["env"]["IMAGE"].startswith("ghcr.io/")
     build = by_action["docker/build-push-action"]["with"]
-    assert build["push"] is True
+    # Pushed by digest; the version tags come last (test_images_are_scanned_signed_then_tagged).
+    outputs = dict(kv.split("=", 1) for kv in build["outputs"].split(","))
+    assert outputs["type"] == "image" and outputs["push"] == "true" and outputs["push-by-digest"] == "true"
+    assert "tags" not in build
     assert build["file"] == "${{ matrix.dockerfile }}"
-    assert build["tags"] == "${{ steps.meta.outputs.tags }}"
     assert build["cache-from"].startswith("type=gha")
     assert build["cache-to"].startswith("type=gha")
     assert build["provenance"] not in (False, "false") and build["sbom"] in (True, "true")
@@ -264,6 +272,43 @@ def test_images_build_both_dockerfiles_with_cache_sbom_and_provenance() -> None:
             assert re.search(rf"^ARG {arg}\b", (ROOT / dockerfile).read_text(), re.M), (
                 f"{dockerfile}: no ARG {arg}"
             )
+
+
+def test_images_publish_only_after_ci_passed_for_the_commit() -> None:
+    """The release runs the whole CI on the tagged commit (a reusable-workflow call) and needs it to pass."""
+    images = workflow("images.yml")
+    jobs = images["jobs"]
+    (ci_job,) = [name for name, job in jobs.items() if job.get("uses") == "./.github/workflows/ci.yml"]
+    ci = workflow("ci.yml")
+    assert "workflow_call" in ci["on"], "ci.yml must be callable"
+    # A called workflow sees the caller's github.workflow: the same concurrency group would deadlock.
+    assert "github.workflow" not in ci["concurrency"]["group"]
+    for name, job in jobs.items():
+        if "steps" in job:
+            needs = job.get("needs", [])
+            assert ci_job in ([needs] if isinstance(needs, str) else needs), f"{name} does not wait for CI"
+
+
+def test_images_are_scanned_signed_then_tagged() -> None:
+    steps = workflow("images.yml")["jobs"]["image"]["steps"]
+    names = [s.get("uses", "").split("@")[0] or s.get("name", "") for s in steps]
+    build = names.index("docker/build-push-action")
+    scan = names.index("aquasecurity/trivy-action")
+    install = names.index("sigstore/cosign-installer")
+    sign, tag = names.index("Sign (cosign)"), names.index("Tag")
+    assert build < scan < install < sign < tag, names
+    trivy = steps[scan]["with"]
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", trivy["version"]), "the Trivy binary is pinned too"
+    assert trivy["image-ref"] == "${{ env.IMAGE }}@${{ steps.build.outputs.digest }}"
+    assert str(trivy["exit-code"]) == "1" and "CRITICAL" in trivy["severity"]
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", steps[install]["with"]["cosign-release"])
+    assert steps[sign]["run"] == 'cosign sign --yes "${IMAGE}@${DIGEST}"'
+    assert steps[sign]["env"]["DIGEST"] == "${{ steps.build.outputs.digest }}"
+    assert (
+        "imagetools create" in steps[tag]["run"]
+        and steps[tag]["env"]["TAGS"] == "${{ steps.meta.outputs.tags }}"
+    )
+    assert steps[tag]["env"]["DIGEST"] == "${{ steps.build.outputs.digest }}", "tags go on the signed digest"
 
 
 def test_images_never_push_latest() -> None:
