@@ -813,11 +813,12 @@ def test_endpoint_picker_serves_this_variants_pool(variant: tuple[str, list[dict
     picker_config = yaml.safe_load(configmap["data"][flag["--config-file"].rsplit("/", 1)[1]])
     assert picker_config["kind"] == "EndpointPickerConfig"
 
-    # Least privilege: read its pool and pods in its own namespace; hardened like the server.
+    # Least privilege: read its pool, pods and objectives in its own namespace; hardened like the server.
     (role,) = [d for d in docs if d["kind"] == "Role"]
     assert {(tuple(r["apiGroups"]), tuple(r["resources"])) for r in role["rules"]} == {
         (("inference.networking.k8s.io",), ("inferencepools",)),
         (("",), ("pods",)),
+        (("inference.networking.x-k8s.io",), ("inferenceobjectives", "inferencemodelrewrites")),
     }
     assert all(set(r["verbs"]) == {"get", "watch", "list"} for r in role["rules"])
     (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
