@@ -344,3 +344,18 @@ def test_tracing_spans_follow_the_request(tiny_lite_dir):
     assert by_name["decode"].end_time <= root.end_time  # the root ends with the stream
     completion = [s for s in spans if s.name == "POST /v1/completions"]
     assert len(completion) == 1 and completion[0].context.trace_id != int(trace_id, 16)  # a trace of its own
+
+
+def test_serve_refuses_a_bad_key_file_before_starting_the_engine(tiny_lite_dir, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("a: same\nb: same\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--model", str(tiny_lite_dir), "--api-key-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "the same API key is given to two names" in proc.stdout + proc.stderr
