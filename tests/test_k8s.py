@@ -10,6 +10,7 @@ Offline. Needs kubectl (for `kubectl kustomize`) and kubernetes-validate, both i
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import inspect
 import json
@@ -236,7 +237,7 @@ def _structural(schema: dict, strict: bool = True) -> dict:
 
 @pytest.fixture(scope="session")
 def crd_schemas() -> dict[tuple[str, str], dict]:
-    """(apiVersion, kind) -> JSON Schema, for every served version of every CRD in ../shared/k8s-crds."""
+    """(apiVersion, kind) -> openAPIV3Schema, for every served version of every CRD in ../shared/k8s-crds."""
     if not CRDS.is_dir():
         pytest.skip(
             f"{CRDS} is absent (it comes with ../shared, as in CI): custom resources not schema-checked"
@@ -247,10 +248,57 @@ def crd_schemas() -> dict[tuple[str, str], dict]:
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
             if version["served"] and not version.get("deprecated"):
-                schemas[(f"{group}/{version['name']}", kind)] = _structural(
-                    version["schema"]["openAPIV3Schema"]
-                )
+                schemas[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
     return schemas
+
+
+def _with_defaults(schema: dict, value: object) -> object:
+    """The object as the API server sees it before validation: every schema default filled in."""
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                _with_defaults(sub, value[key])
+        if isinstance(schema.get("additionalProperties"), dict):
+            for item in value.values():
+                _with_defaults(schema["additionalProperties"], item)
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            _with_defaults(schema["items"], item)
+    return value
+
+
+def _cel_errors(schema: dict, value: object, path: str = "") -> list[str]:
+    """The CRD's CEL rules (x-kubernetes-validations) at every node of the object, evaluated with cel-python.
+    Transition rules (oldSelf) need a previous object and are left to the API server."""
+    import celpy
+    from celpy import celtypes
+
+    errors = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"]:
+            continue
+        result = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+        if result != celtypes.BoolType(True):
+            errors.append(f"{path or '.'}: {rule.get('message', rule['rule'])} ({result!r})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
+            if isinstance(sub, dict):
+                errors += _cel_errors(sub, item, f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for n, item in enumerate(value):
+            errors += _cel_errors(schema["items"], item, f"{path}[{n}]")
+    return errors
+
+
+@functools.cache
+def _cel_program(rule: str):
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
 
 
 def _crd_errors(doc: dict, schemas: dict[tuple[str, str], dict]) -> list[str]:
@@ -258,16 +306,21 @@ def _crd_errors(doc: dict, schemas: dict[tuple[str, str], dict]) -> list[str]:
 
     key = (doc["apiVersion"], doc["kind"])
     assert key in schemas, f"no served, non-deprecated CRD version for {key} in {CRDS}"
-    errors = Draft7Validator(schemas[key]).iter_errors(doc)
+    name = f"{doc['kind']}/{doc['metadata']['name']}"
+    errors = [
+        f"{name} {'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in Draft7Validator(_structural(schemas[key])).iter_errors(doc)
+    ]
+    if errors:  # CEL rules assume a structurally valid object
+        return errors
     return [
-        f"{doc['kind']}/{doc['metadata']['name']} {'.'.join(map(str, e.absolute_path))}: {e.message}"
-        for e in errors
+        f"{name} {e}" for e in _cel_errors(schemas[key], _with_defaults(schemas[key], copy.deepcopy(doc)))
     ]
 
 
 def test_custom_resources_match_their_crds(variant: tuple[str, list[dict]], crd_schemas: dict) -> None:
     """Every custom resource of the render against its CRD's schema: fields, types, enums, patterns, required
-    fields, unknown fields. (CEL x-kubernetes-validations rules are the API server's; they are not run here.)"""
+    fields, unknown fields, and the CEL rules (with the schema's defaults applied first, as the API server does)."""
     _, docs = variant
     custom = [d for d in docs if d["kind"] in CRD_API_VERSIONS]
     for doc in custom:
@@ -297,6 +350,16 @@ def test_crd_validation_rejects_bad_custom_resources(
     assert _crd_errors(monitor, crd_schemas)
     route = copy.deepcopy(_one(rendered["bf16+httproute"], "HTTPRoute"))
     route["spec"]["rules"][0]["timeouts"]["request"] = "one hour"
+    assert _crd_errors(route, crd_schemas)
+    # CEL rules: unique pool ports, absolute route paths, a backend timeout within the request timeout.
+    pool = copy.deepcopy(_one(rendered["bf16+inference"], "InferencePool"))
+    pool["spec"]["targetPorts"].append({"number": GATEWAY_PORT})
+    assert any("port number must be unique" in e for e in _crd_errors(pool, crd_schemas))
+    route = copy.deepcopy(_one(rendered["bf16+inference"], "HTTPRoute"))
+    route["spec"]["rules"][0]["matches"][0]["path"]["value"] = "v1"
+    assert any("absolute path" in e for e in _crd_errors(route, crd_schemas))
+    route = copy.deepcopy(_one(rendered["bf16+httproute"], "HTTPRoute"))
+    route["spec"]["rules"][0]["timeouts"]["backendRequest"] = "2h"
     assert _crd_errors(route, crd_schemas)
 
 
