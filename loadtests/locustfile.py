@@ -672,40 +672,34 @@ class WorkloadUser(OpenAIUser):
 
 
 class ArrivalUser(OpenAIUser):
-    """Open loop: fires each streamed completion at its arrival time, in a greenlet of its own, so requests
-    overlap as they arrive whatever earlier ones are doing. One user does it all; SweepShape sets the rate."""
+    """Open loop: sends each streamed completion at its arrival time, in a greenlet of its own, so requests
+    overlap as they arrive whatever earlier ones are doing. One user does it all; SweepShape moves the rates.
+    A late arrival (the process was busy) is sent at once: every rate sends all of its requests."""
 
     abstract = True
-    pool_manager = PoolManager(
-        maxsize=1024
-    )  # a kept-alive connection per request in flight, not the default 10
+    # A kept-alive connection for every request in flight, not the default pool of 10.
+    pool_manager = PoolManager(maxsize=1024)
 
     def on_start(self) -> None:
         super().on_start()
-        self.requests = gevent.pool.Group()
-        self.phase: sweeps.Phase | None = None
-        self.next_at = 0.0
+        self.in_flight = gevent.pool.Group()
 
     def wait_time(self) -> float:
-        # Capped, so that a new rate is noticed within 50 ms.
-        return min(0.05, max(0.0, self.next_at - time.perf_counter()))
+        assert SWEEP is not None
+        phase = SWEEP.current
+        due = phase.due() if phase is not None else None
+        return 0.05 if due is None else max(0.0, due - time.perf_counter())  # poll while a rate drains
 
     @task
     def arrive(self) -> None:
         assert SWEEP is not None
-        now = time.perf_counter()
-        phase = SWEEP.firing(now)
-        if phase is None:  # draining, or between rates
-            self.next_at = now + 0.05
-            return
-        if phase is not self.phase:  # a new rate: its first request arrives at once
-            self.phase, self.next_at = phase, now
-        if now < self.next_at:
+        phase = SWEEP.current
+        due = phase.due() if phase is not None else None
+        if due is None or time.perf_counter() < due:
             return
         body = self._completion_body(stream=True)
         phase.sent += 1
-        self.requests.spawn(self.fire, phase, body)
-        self.next_at += SWEEP.gap(phase.rate)
+        self.in_flight.spawn(self.fire, phase, body)
 
     def fire(self, phase: sweeps.Phase, body: dict[str, Any]) -> None:
         record = sweeps.Record(False, time.perf_counter(), time.perf_counter())

@@ -2,9 +2,9 @@
 
 Open loop means requests arrive at times drawn in advance, whether or not earlier ones have finished, so a
 server that falls behind builds a queue and its latency shows it (closed-loop users would slow down with it
-instead). Each rate fires for its run time, then drains: no new arrivals until every request it sent has
-ended (or --request-timeout has passed), so one rate's backlog never lands in the next one's numbers. The
-rate's duration runs from its first arrival to its last completion, as in vLLM's `bench serve`.
+instead). Each rate sends rate x run time requests over its run time, then drains: no new arrivals until every
+request it sent has ended (or --request-timeout has passed), so one rate's backlog never lands in the next
+one's numbers. The rate's duration runs from its start to its last completion, as in vLLM's `bench serve`.
 
 Per-request values are kept exactly (locust's own tables round response times to two significant digits)
 and reduced with the same definitions as vLLM's benchmark:
@@ -47,8 +47,8 @@ class Record:
 @dataclass
 class Phase:
     rate: float
-    start: float = 0.0  # monotonic; 0 = not started
-    fire_until: float = 0.0
+    start: float = 0.0  # perf_counter when the rate began; 0 = not started
+    arrivals: list[float] = field(default_factory=list)  # seconds after start, ascending
     sent: int = 0
     records: list[Record] = field(default_factory=list)
 
@@ -60,9 +60,21 @@ class Phase:
     def in_flight(self) -> int:
         return self.sent - len(self.records)
 
+    def due(self) -> float | None:
+        """When the next request is to be sent (perf_counter), None once all are."""
+        return self.start + self.arrivals[self.sent] if self.sent < len(self.arrivals) else None
+
 
 class Sweep:
-    """Rates one after the other: fire for `run_time` s, then drain. Driven by the load shape's tick()."""
+    """Rates one after the other: send rate x run_time requests over run_time s, then drain. Driven by the
+    load shape's tick().
+
+    Arrival times are drawn when a rate starts; N = rate x run_time, the last one at run_time. Constant: the
+    i-th at i / rate. Poisson: the first N - 1 uniform over the window, sorted, which is a Poisson process of
+    that rate conditioned on its N-th arrival at run_time. That is what vLLM's benchmark draws (exponential
+    gaps rescaled to end at N / rate), so neither the count nor the span varies between runs, and the
+    throughput a run allows does not move by +-1/sqrt(N) with them.
+    """
 
     def __init__(
         self, rates: list[float], run_time: float, arrival: str, drain_timeout: float, seed: int = 0
@@ -83,27 +95,26 @@ class Sweep:
         return self.phases[self.index] if 0 <= self.index < len(self.phases) else None
 
     def advance(self, now: float) -> bool:
-        """Start the next rate once the current one has fired and drained; False when the sweep is over."""
+        """Start the next rate once the current one has sent everything and drained (or waited drain_timeout
+        past its window); False when the sweep is over."""
         phase = self.current
         if phase is not None:
-            if now < phase.fire_until:
+            if phase.due() is not None:
                 return True
-            if phase.in_flight and now < phase.fire_until + self.drain_timeout:
+            if phase.in_flight and now < phase.start + self.run_time + self.drain_timeout:
                 return True
         self.index += 1
         phase = self.current
         if phase is None:
             return False
-        phase.start, phase.fire_until = now, now + self.run_time
+        phase.start, phase.arrivals = now, self.arrivals(phase.rate)
         return True
 
-    def firing(self, now: float) -> Phase | None:
-        phase = self.current
-        return phase if phase is not None and now < phase.fire_until else None
-
-    def gap(self, rate: float) -> float:
-        """Seconds to the next arrival: exponential (a Poisson process) or fixed."""
-        return self._rng.expovariate(rate) if self.arrival == "poisson" else 1.0 / rate
+    def arrivals(self, rate: float) -> list[float]:
+        n = max(1, round(rate * self.run_time))
+        if self.arrival == "constant":
+            return [i / rate for i in range(1, n + 1)]
+        return [*sorted(self._rng.uniform(0, self.run_time) for _ in range(n - 1)), self.run_time]
 
 
 # ---------------------------------------------------------------------------------------------- numbers

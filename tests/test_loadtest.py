@@ -189,7 +189,6 @@ def test_rate_sweep_writes_sweep_json_plots_and_report(server_url: str, tmp_path
         server_url,
         tmp_path,
         LOADTEST_RATES=",".join(f"{r:g}" for r in rates),
-        LOADTEST_ARRIVAL="constant",  # a known number of arrivals per rate
         LOADTEST_RUN_TIME=f"{run_time}s",
         LOADTEST_INPUT_LEN=str(input_len),
         LOADTEST_OUTPUT_LEN=str(output_len),
@@ -200,10 +199,11 @@ def test_rate_sweep_writes_sweep_json_plots_and_report(server_url: str, tmp_path
     assert proc.returncode == 0, output[-6000:]
 
     rows = json.loads((tmp_path / "sweep.json").read_text())
+    requests = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
     assert [row["rate"] for row in rows] == list(rates), rows
     for row in rows:
-        # Open loop: the arrivals of the schedule were all sent, whatever the server's latency.
-        assert abs(row["requests"] - row["rate"] * run_time) <= 1, row
+        # Open loop: all rate x run time arrivals were sent, whatever the server's latency.
+        assert row["requests"] == row["rate"] * run_time, row
         assert row["failures"] == 0, output[-6000:]
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             p = row[key]
@@ -215,16 +215,19 @@ def test_rate_sweep_writes_sweep_json_plots_and_report(server_url: str, tmp_path
         assert row["input_tokens"] == input_len * done and row["output_tokens"] == output_len * done, row
         assert row["output_tok_s"] == pytest.approx(row["output_tokens"] / row["duration_s"], rel=0.01)
         assert row["input_tok_s"] == pytest.approx(input_len * row["output_tok_s"] / output_len, rel=0.01)
-        assert row["duration_s"] >= run_time - 1
+        sent = [r for r in requests if r["rate"] == row["rate"]]
+        assert len(sent) == row["requests"] and all(0 <= r["sent_s"] <= run_time + 1 for r in sent)
+        assert max(r["sent_s"] + r["e2e_ms"] / 1000 for r in sent) == pytest.approx(
+            row["duration_s"], abs=0.01
+        )
         assert row["goodput"] == 0.0 and row["slos_ms"] == {"ttft_ms": 0.001, "e2e_ms": 60000.0}
 
-    lines = (tmp_path / "requests.jsonl").read_text().splitlines()
-    assert len(lines) == sum(row["requests"] for row in rows)
+    assert len(requests) == sum(row["requests"] for row in rows)
     for name in ("throughput.png", "ttft.png", "tpot.png", "latency_hist.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f'src="{name}"' in (tmp_path / "report.html").read_text(encoding="utf-8")
     assert (tmp_path / "locust.html").exists()  # locust's own report, beside ours
-    assert "rate sweep (constant)" in output
+    assert "rate sweep (poisson)" in output
 
 
 def test_prompt_longer_than_the_context_stops_the_run(server_url: str, tmp_path: Path) -> None:
@@ -343,21 +346,28 @@ def test_summary_follows_vllm_definitions(sweeps) -> None:
     assert row["goodput"] == pytest.approx(2 / 5)  # 50 and 80 ms of 5 sent; the failure is never good
 
 
-def test_sweep_fires_each_rate_then_drains(sweeps) -> None:
+def test_sweep_sends_each_rate_then_drains(sweeps) -> None:
     sweep = sweeps.Sweep([2.0, 8.0], run_time=10.0, arrival="poisson", drain_timeout=30.0, seed=1)
     assert sweep.advance(0.0) and sweep.current.rate == 2.0
-    assert sweep.firing(9.9) is sweep.current and sweep.firing(10.0) is None
-    sweep.current.sent = 3  # three requests still running after the window: no new rate yet
-    sweep.current.records.append(sweeps.Record(True, 1.0, 12.0))
-    assert sweep.advance(12.0) and sweep.current.rate == 2.0
-    sweep.current.records += [sweeps.Record(True, 2.0, 13.0), sweeps.Record(True, 3.0, 14.0)]
+    phase = sweep.current
+    assert len(phase.arrivals) == 20 and phase.arrivals == sorted(phase.arrivals)
+    assert 0 <= phase.arrivals[0] and phase.arrivals[-2] <= phase.arrivals[-1] == 10.0
+    phase.sent = 19  # one arrival left: the rate goes on, however late
+    assert sweep.advance(50.0) and sweep.current is phase and phase.due() == phase.arrivals[-1]
+    phase.sent = 20
+    phase.records += [sweeps.Record(True, 1.0, 12.0)] * 17  # three still running: no new rate yet
+    assert sweep.advance(12.0) and sweep.current is phase
+    phase.records += [sweeps.Record(True, 2.0, 13.0)] * 3
     assert sweep.advance(14.0) and sweep.current.rate == 8.0 and sweep.current.start == 14.0
-    sweep.current.sent = 1  # one that never ends: the drain gives up after drain_timeout
-    assert sweep.advance(24.0 + 29.0) and sweep.current.rate == 8.0
-    assert not sweep.advance(24.0 + 30.0)
+    sweep.current.sent = len(sweep.current.arrivals)  # all sent, none ends: drain gives up after 30 s
+    assert sweep.advance(14.0 + 10.0 + 29.0) and sweep.current.rate == 8.0
+    assert not sweep.advance(14.0 + 10.0 + 30.0)
 
-    gaps = [sweep.gap(8.0) for _ in range(20_000)]
-    assert sum(gaps) / len(gaps) == pytest.approx(1 / 8, rel=0.03)  # Poisson: exponential gaps, mean 1/rate
-    assert statistics.pstdev(gaps) == pytest.approx(1 / 8, rel=0.05)
-    constant = sweeps.Sweep([8.0], 1.0, "constant", 1.0)
-    assert {constant.gap(8.0) for _ in range(10)} == {0.125}
+    # Poisson, conditioned on the last arrival: gaps between sorted uniform times are close to exponential.
+    times = sweeps.Sweep([50.0], run_time=400.0, arrival="poisson", drain_timeout=1.0, seed=2).arrivals(50.0)
+    gaps = [b - a for a, b in zip([0.0, *times[:-1]], times, strict=True)]
+    assert len(times) == 20_000
+    assert statistics.fmean(gaps) == pytest.approx(1 / 50, rel=0.02)
+    assert statistics.pstdev(gaps) == pytest.approx(1 / 50, rel=0.05)  # exponential: sd = mean
+    constant = sweeps.Sweep([4.0], run_time=1.0, arrival="constant", drain_timeout=1.0).arrivals(4.0)
+    assert constant == [0.25, 0.5, 0.75, 1.0]
