@@ -1126,3 +1126,29 @@ def test_docs_cover_every_overlay_and_component() -> None:
         for path in sorted((DEPLOY / kind).iterdir()):
             assert f"{kind}/{path.name}" in docs, f"docs/kubernetes.md does not mention {kind}/{path.name}"
     assert "LeaderWorkerSet" in docs
+
+
+def test_cpu_demo_named_keys_load(rendered: dict[str, list[dict]], tmp_path: Path) -> None:
+    """The named-keys component: the Secret's keys.yaml mounted where DSV2_API_KEY_FILE points, and the server's
+    own loader accepts the demo file (names, limits)."""
+    import base64
+
+    from server.gateway.tenants import load
+
+    docs = rendered["cpu-demo"]
+    server = _server(docs)
+    (path,) = [e["value"] for e in server["env"] if e["name"] == "DSV2_API_KEY_FILE"]
+    (mount,) = [m for m in server["volumeMounts"] if m["name"] == "api-key-file"]
+    assert mount["readOnly"] and path == f"{mount['mountPath']}/keys.yaml"
+    (volume,) = [v for v in _pod(docs)["spec"]["volumes"] if v["name"] == "api-key-file"]
+    secret = _one(docs, "Secret")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["items"] == [{"key": "keys.yaml", "path": "keys.yaml"}]
+    key_file = tmp_path / "keys.yaml"
+    key_file.write_bytes(base64.b64decode(secret["data"]["keys.yaml"]))
+    flat = base64.b64decode(secret["data"]["api-keys"]).decode()
+    tenants = load(flat.split(","), str(key_file))
+    by_name = {t.name: t for t in tenants.tenants}
+    assert set(by_name) == {"key-1", "demo-web", "demo-batch"}
+    assert by_name["demo-batch"].max_sequences == 4 and by_name["demo-batch"].tokens_per_minute == 20000
+    assert tenants.authenticate(b"sk-dsv2-demo-web") is by_name["demo-web"]
