@@ -16,12 +16,55 @@ from tests.test_gateway_engine import MODEL, Server, metric, metric_exact, start
 
 pytestmark = pytest.mark.engine
 
-KEYS = "interactive: sk-i\nbatch:\n  key: sk-b\n  priority: 10\n  min_priority: 5\n"
+KEYS = (
+    "interactive: sk-i\n"
+    "batch:\n  key: sk-b\n  priority: 10\n  min_priority: 5\n"
+    "metered:\n  key: sk-m\n  requests_per_minute: 2\n"
+)
+ORIGIN = "https://app.example"
+
+
+class OTLPCollector:
+    """An OTLP/HTTP trace receiver on localhost: the spans the server exports, decoded."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        spans = self.spans = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        spans.extend(scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1/traces"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lite_dir, tmp_path_factory):
+def collector():
+    c = OTLPCollector()
+    yield c
+    c.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lite_dir, tmp_path_factory, collector):
     root = tmp_path_factory.mktemp("tenants")
     (root / "keys.yaml").write_text(KEYS)
     srv = start_server(
@@ -31,6 +74,8 @@ def server(tiny_lite_dir, tmp_path_factory):
         "--served-model-name", f"{MODEL},deepseek-chat",
         "--scheduling-policy", "priority",
         "--max-num-seqs", "1",
+        "--cors-origins", ORIGIN,
+        "--otlp-traces-endpoint", collector.url,
         env={"DSV2_HIDDEN_MODEL_ALIASES": "gpt-4o-mini"},
     )  # fmt: skip
     yield srv
@@ -126,3 +171,62 @@ def test_cache_isolation_between_keys(server):
             "prefix caching is off in this vLLM build for MLA on this CPU; the salt is passed, not observed"
         )
     assert counts[0] == 0 and counts[1] > 0 and counts[2] == 0, counts
+
+
+def test_key_rate_limit_and_cors_on_the_real_server(server):
+    pre = httpx.options(
+        f"{server.url}/v1/chat/completions",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
+    statuses = []
+    for _ in range(3):
+        r = chat(server, "sk-m")
+        statuses.append(r.status_code)
+    assert statuses == [200, 200, 429], statuses
+    assert r.headers["x-ratelimit-limit-requests"] == "2" and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert chat(server, "sk-i").status_code == 200  # another key is not limited
+    assert metric_exact(server, 'dsv2_key_rate_limited_total{key="metered"}') == 1
+
+
+def test_traces_reach_an_otlp_collector_with_the_engine_phases(server, collector):
+    """The real engine's request stats give queue, prefill and decode spans under the request's span, which
+    continues the caller's traceparent and carries the request id."""
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    headers = {
+        "Authorization": "Bearer sk-i",
+        "traceparent": f"00-{trace_id}-b7ad6b7169203331-01",
+        "X-Request-Id": "traced-1",
+    }
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "ignore_eos": True, "stream": True}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        r.read()
+
+    def mine():
+        return [s for s in collector.spans if s.trace_id.hex() == trace_id]
+
+    wait_for(lambda: len(mine()) >= 6, 30)  # the exporter sends in batches, every few seconds
+    spans = {s.name: s for s in mine()}
+    assert set(spans) == {"POST /v1/chat/completions", "admission", "template", "queue", "prefill", "decode"}
+    root = spans["POST /v1/chat/completions"]
+    assert root.parent_span_id.hex() == "b7ad6b7169203331"
+    attributes = {a.key: a.value for a in root.attributes}
+    assert attributes["dsv2.request_id"].string_value == "traced-1"
+    assert attributes["dsv2.key"].string_value == "interactive"
+    assert attributes["gen_ai.usage.output_tokens"].int_value == 8
+    for name in ("queue", "prefill", "decode"):
+        span = spans[name]
+        assert span.parent_span_id == root.span_id
+        assert root.start_time_unix_nano <= span.start_time_unix_nano <= span.end_time_unix_nano
+        assert span.end_time_unix_nano <= root.end_time_unix_nano
+    assert (
+        spans["decode"].end_time_unix_nano > spans["decode"].start_time_unix_nano
+    )  # 7 tokens after the first
