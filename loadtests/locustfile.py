@@ -261,6 +261,10 @@ def on_init(environment: Environment, **_kwargs: Any) -> None:
     opts = _options(environment)
     _think_time(opts.think_time)  # fail at start, not in every user
     try:
+        if RATES and not isinstance(environment.runner, LocalRunner | None):
+            raise ValueError(
+                "a rate sweep runs in one locust process: leave out --processes, --master, --worker"
+            )
         OpenAIUser.next_request = request_source(opts, environment.host or OpenAIUser.host)
         if RATES:
             SWEEP = sweeps.Sweep(
