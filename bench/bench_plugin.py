@@ -10,8 +10,10 @@ asks them in turn to run one round - never both at once - and prints the medians
 Each round keeps the fastest of --repeats measurements per engine; the headline ratios are medians of
 the per-round ratios (the two engines of a round run back to back, so load drift mostly cancels).
 
-Usage (the tiny checkpoint is generated when --model is not given):
+Usage (the tiny checkpoint is generated when --model is not given; --real-widths generates DeepSeek-V2-Lite's
+true shapes with 2 layers instead, and --batch takes several sizes, measured in the same engines):
     python bench/bench_plugin.py --rounds 5 --batch 8 --prompt-len 128 --decode-tokens 64
+    python bench/bench_plugin.py --real-widths --batch 8,32 --rounds 3
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _worker(args: argparse.Namespace) -> None:
         max_model_len=args.prompt_len + args.decode_tokens + 16,
         enforce_eager=not args.compile,
         seed=0,
-        max_num_seqs=max(args.batch, 1),
+        max_num_seqs=max(_batches(args.batch)),
     )
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     cls = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -73,19 +75,25 @@ def _worker(args: argparse.Namespace) -> None:
         llm.generate(batch, params, use_tqdm=False)
         return time.perf_counter() - t0
 
-    timed(fresh_prompts(args.batch), 4)  # warm-up
+    for batch in _batches(args.batch):
+        timed(fresh_prompts(batch), 4)  # warm-up
     result_out.write(RESULT_PREFIX + json.dumps({"ready": True, "class": cls}) + "\n")
     for line in sys.stdin:
         if line.strip() != "run":
             break
         # The fastest of a few repeats: on a shared machine the minimum is the stable estimate.
         # TTFT: one request, prefill + first token.
-        ttft = min(timed(fresh_prompts(1), 1) for _ in range(args.repeats))
-        # Decode: a batch for N tokens minus the same-shaped batch for 1 token (its prefill).
-        prefill = min(timed(fresh_prompts(args.batch), 1) for _ in range(args.repeats))
-        full = min(timed(fresh_prompts(args.batch), args.decode_tokens) for _ in range(args.repeats))
-        decode_tok_s = args.batch * (args.decode_tokens - 1) / max(full - prefill, 1e-9)
-        result_out.write(RESULT_PREFIX + json.dumps({"ttft_s": ttft, "decode_tok_s": decode_tok_s}) + "\n")
+        result: dict = {"ttft_s": min(timed(fresh_prompts(1), 1) for _ in range(args.repeats))}
+        for batch in _batches(args.batch):
+            # Decode: a batch for N tokens minus the same-shaped batch for 1 token (its prefill).
+            prefill = min(timed(fresh_prompts(batch), 1) for _ in range(args.repeats))
+            full = min(timed(fresh_prompts(batch), args.decode_tokens) for _ in range(args.repeats))
+            result[f"decode_tok_s@{batch}"] = batch * (args.decode_tokens - 1) / max(full - prefill, 1e-9)
+        result_out.write(RESULT_PREFIX + json.dumps(result) + "\n")
+
+
+def _batches(spec: str) -> list[int]:
+    return [int(b) for b in str(spec).split(",")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,7 +145,12 @@ def main() -> None:
     p.add_argument("--variant", default="lite", choices=["lite", "v2"], help="tiny checkpoint layout")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", default="8", help="batch size(s), comma-separated: 8 or 8,32")
+    p.add_argument(
+        "--real-widths",
+        action="store_true",
+        help="generate DeepSeek-V2-Lite's real shapes (2 layers, 2.2 GB bf16)",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="measurements per round (fastest kept)")
@@ -153,7 +166,9 @@ def main() -> None:
         from server.tiny_model import write_tiny_model
 
         tmp = tempfile.TemporaryDirectory(prefix="bench-plugin-")
-        args.model = str(write_tiny_model(Path(tmp.name) / "tiny", variant=args.variant))
+        args.model = str(
+            write_tiny_model(Path(tmp.name) / "ckpt", variant=args.variant, real_widths=args.real_widths)
+        )
     argv = [
         f"--model={args.model}",
         f"--dtype={args.dtype}",
@@ -173,6 +188,7 @@ def main() -> None:
     if workers[0].info["class"] == workers[1].info["class"]:
         sys.exit("both workers run the same class: the plugin was not excluded / not loaded")
 
+    decode_keys = [f"decode_tok_s@{b}" for b in _batches(args.batch)]
     results: dict[str, list[dict]] = {w.name: [] for w in workers}
     for r in range(args.rounds):
         order = workers if r % 2 == 0 else workers[::-1]  # alternate who goes first
@@ -181,9 +197,12 @@ def main() -> None:
         print(
             f"round {r + 1}: "
             + "  ".join(
-                f"{n}: {v[-1]['decode_tok_s']:.1f} tok/s, TTFT {v[-1]['ttft_s'] * 1e3:.1f} ms"
+                f"{n}: "
+                + ", ".join(f"{v[-1][k]:.1f} tok/s (batch {k.split('@')[1]})" for k in decode_keys)
+                + f", TTFT {v[-1]['ttft_s'] * 1e3:.1f} ms"
                 for n, v in results.items()
-            )
+            ),
+            flush=True,
         )
     for w in workers:
         w.close()
@@ -191,27 +210,33 @@ def main() -> None:
     # Paired ratios (each round's two measurements were taken back to back) are less exposed to load drift
     # than ratios of the medians.
     pairs = list(zip(results["ours"], results["built-in"], strict=True))
-    decode_ratio = statistics.median(o["decode_tok_s"] / b["decode_tok_s"] for o, b in pairs)
-    ttft_ratio = statistics.median(b["ttft_s"] / o["ttft_s"] for o, b in pairs)
-    med = {
-        n: {k: statistics.median(x[k] for x in v) for k in ("decode_tok_s", "ttft_s")}
-        for n, v in results.items()
-    }
-    ours, builtin = med["ours"], med["built-in"]
+    keys = [*decode_keys, "ttft_s"]
+    med = {n: {k: statistics.median(x[k] for x in v) for k in keys} for n, v in results.items()}
     print(
         f"\ncheckpoint {args.model} dtype {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
         f"decode {args.decode_tokens}, {args.rounds} rounds (medians)"
     )
-    print(f"{'':9s} {'decode tok/s':>13s} {'TTFT ms':>9s}")
-    for n in ("ours", "built-in"):
-        print(f"{n:9s} {med[n]['decode_tok_s']:13.1f} {med[n]['ttft_s'] * 1e3:9.1f}")
     print(
-        f"decode tok/s ratio (ours / built-in): {decode_ratio:.3f}x per-round median "
-        f"({ours['decode_tok_s'] / builtin['decode_tok_s']:.3f}x of medians)"
+        f"{'':9s} "
+        + " ".join(f"{'tok/s @' + k.split('@')[1]:>12s}" for k in decode_keys)
+        + f" {'TTFT ms':>9s}"
     )
+    for n in ("ours", "built-in"):
+        print(
+            f"{n:9s} "
+            + " ".join(f"{med[n][k]:12.1f}" for k in decode_keys)
+            + f" {med[n]['ttft_s'] * 1e3:9.1f}"
+        )
+    for k in decode_keys:
+        ratio = statistics.median(o[k] / b[k] for o, b in pairs)
+        print(
+            f"decode tok/s ratio, batch {k.split('@')[1]} (ours / built-in): {ratio:.3f}x per-round median "
+            f"({med['ours'][k] / med['built-in'][k]:.3f}x of medians)"
+        )
+    ttft_ratio = statistics.median(b["ttft_s"] / o["ttft_s"] for o, b in pairs)
     print(
         f"TTFT speed ratio (built-in / ours):   {ttft_ratio:.3f}x per-round median "
-        f"({builtin['ttft_s'] / ours['ttft_s']:.3f}x of medians)"
+        f"({med['built-in']['ttft_s'] / med['ours']['ttft_s']:.3f}x of medians)"
     )
     if tmp is not None:
         tmp.cleanup()

@@ -124,22 +124,24 @@ def awq_group_size(awq_dir: Path) -> int:
 def dequantized_tensors(awq_dir: Path, only_quantized: bool = False) -> dict[str, torch.Tensor]:
     """The AWQ checkpoint's tensors with every (qweight, qzeros, scales) replaced by its fp32 dequantised
     weight; `only_quantized` returns just those."""
-    from safetensors.torch import load_file
+    return dict(iter_dequantized(awq_dir, only_quantized))
+
+
+def iter_dequantized(awq_dir: Path, only_quantized: bool = False):
+    """The same, one tensor at a time (a real-width export never holds all its dense weights at once)."""
+    from safetensors import safe_open
 
     from server.model.awq import awq_dequantize
 
     group = awq_group_size(awq_dir)
-    tensors = load_file(str(awq_dir / "model.safetensors"))
-    dense: dict[str, torch.Tensor] = {}
-    for name in list(tensors):
-        base, _, part = name.rpartition(".")
-        if part == "qweight":
-            dense[f"{base}.weight"] = awq_dequantize(
-                tensors.pop(name), tensors.pop(f"{base}.qzeros"), tensors.pop(f"{base}.scales"), group
-            )
-    if not only_quantized:
-        dense.update((name, t.float()) for name, t in tensors.items())
-    return dense
+    with safe_open(str(awq_dir / "model.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            base, _, part = name.rpartition(".")
+            if part == "qweight":
+                parts = (f.get_tensor(name), f.get_tensor(f"{base}.qzeros"), f.get_tensor(f"{base}.scales"))
+                yield f"{base}.weight", awq_dequantize(*parts, group)
+            elif part not in ("qzeros", "scales") and not only_quantized:
+                yield name, f.get_tensor(name).float()
 
 
 def write_dequantized_copy(awq_dir: Path, out_dir: Path) -> Path:
@@ -213,12 +215,12 @@ _HF_EXPERT = re.compile(r"^(?P<moe>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>
 
 
 @torch.no_grad()
-def hf_load_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
+def hf_load_tensors(model, tensors) -> None:
     """Copy checkpoint-named tensors into a loaded transformers model in place. Transformers keeps each MoE
     layer's experts as two stacked tensors: gate_up_proj [E, 2 * inter, hidden] (gate rows first) and
     down_proj [E, hidden, inter]."""
     params = dict(model.named_parameters())
-    for name, t in tensors.items():
+    for name, t in tensors.items() if isinstance(tensors, dict) else tensors:
         m = _HF_EXPERT.match(name)
         if m is None:
             params[name].copy_(t)
