@@ -458,7 +458,8 @@ def write_sweep(sweep: sweeps.Sweep, opts: Any) -> list[str]:
             f"{row['output_tok_s']:.1f} output tok/s, goodput {row['goodput']:.0%}"
         )
     try:
-        report.render(out, rows, [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()])
+        requests_done = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+        report.render(out, rows, requests_done, title=f"of {opts.host or OpenAIUser.host}")
         lines.append(f"  plots and {out}/report.html written")
     except ImportError as exc:
         lines.append(f"  no plots ({exc}): pip install matplotlib, then python loadtests/report.py {out}")
