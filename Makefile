@@ -15,7 +15,8 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 TINY_DIR ?= .cache/tiny-dsv2
-# The tiny demo starts in ~25 s without vLLM's torch.compile warm-up, ~70 s with it (measured on 2 cores).
+# The tiny demo starts in ~25 s without vLLM's torch.compile warm-up, ~70 s with it (measured on 2 cores);
+# eager only for start-up time: compiled and eager give the same tokens (tests/test_model_compiled.py).
 TINY_ARGS ?= --enforce-eager
 PYTEST_ARGS ?=
 
