@@ -10,7 +10,7 @@ At these shapes the tensor-parallel splits, AWQ group sizes and kernel constrain
 - bf16 serves.
 
 The checkpoints are written once per test run (2.2 GB bf16 and 1.2 GB per AWQ export). One transformers
-model computes every reference first, then is freed; engines run one at a time. Peak memory is about 8 GB
+model computes every reference in a child process first; engines run one at a time. Peak memory is about 9 GB
 (transformers loading fp32, or an fp32 engine).
 
 DSV2_REAL_WIDTHS chooses how much runs: `core` (the default, what CI runs: fp32 eager at TP=1 and TP=2, AWQ
