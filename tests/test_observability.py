@@ -315,8 +315,10 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=30)
+        # A starting Prometheus answers 503 "Service Unavailable" (plain text) until its TSDB is open.
+        assert r.status_code == 200, f"{expr}\nHTTP {r.status_code}: {r.text[:200]}"
         body = r.json()
-        assert r.status_code == 200 and body["status"] == "success", f"{expr}\n{body}"
+        assert body["status"] == "success", f"{expr}\n{body}"
         return body["data"]["result"]
 
 
