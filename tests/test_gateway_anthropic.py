@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.test_gateway_engine import MODEL, Server, module_server
+from tests.test_gateway_engine import MODEL, Server, module_server, named_events
 from tests.test_gateway_tools import WEATHER_PARAMS
 
 pytestmark = pytest.mark.engine
@@ -34,20 +34,7 @@ def client(server: Server):
 
 
 def events(server: Server, body: dict) -> list[tuple[str, dict]]:
-    out = []
-    with httpx.stream(
-        "POST", f"{server.url}/v1/messages", json={"model": MODEL, **body, "stream": True}, timeout=120
-    ) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        kind = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                assert data["type"] == kind
-                out.append((kind, data))
-    return out
+    return [(d["type"], d) for d in named_events(server, "/v1/messages", body)]
 
 
 def test_create_plain(client):

@@ -95,6 +95,24 @@ def start_server(model_dir: Path, log: Path, *flags: str, env: dict[str, str] | 
     raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.logs()}")
 
 
+def named_events(server: Server, path: str, body: dict) -> list[dict]:
+    """A streamed request's `event:`-named SSE events (Anthropic, Responses): each name equal to its data's type."""
+    out = []
+    with httpx.stream(
+        "POST", f"{server.url}{path}", json={"model": MODEL, **body, "stream": True}, timeout=120
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                assert data["type"] == kind
+                out.append(data)
+    return out
+
+
 def module_server(name: str, *flags: str):
     """A module-scoped `server` fixture: `python -m server serve` on the tiny checkpoint with `flags`, stopped
     with SIGTERM at the end of the module, which must exit 0."""

@@ -99,7 +99,7 @@ def test_named_keys_limits_headers_and_usage(tiny_lite_dir, key_file, caplog):
         assert "sk-" not in metrics
 
 
-def test_key_priority_default_cap_and_sequences(tiny_lite_dir, key_file):
+def test_key_priority_default_and_cap(tiny_lite_dir, key_file):
     engine = FakeEngine(delay=0.05)
     engine.priority_scheduling = True
     with make_client(tiny_lite_dir, engine=engine, api_key_file=str(key_file)) as c:

@@ -15,7 +15,14 @@ import jsonschema
 import pytest
 
 from tests import openai_schema
-from tests.test_gateway_engine import MODEL, Server, assert_no_extra, metric_exact, module_server
+from tests.test_gateway_engine import (
+    MODEL,
+    Server,
+    assert_no_extra,
+    metric_exact,
+    module_server,
+    named_events,
+)
 from tests.test_gateway_tools import WEATHER_PARAMS
 
 pytestmark = pytest.mark.engine
@@ -63,26 +70,16 @@ def events(server: Server, body: dict) -> list[dict]:
     from pydantic import TypeAdapter
 
     adapter = TypeAdapter(ResponseStreamEvent)
-    out: list[dict] = []
-    with httpx.stream(
-        "POST", f"{server.url}/v1/responses", json={"model": MODEL, **body, "stream": True}, timeout=120
-    ) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        kind = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                assert data["type"] == kind and data["sequence_number"] == len(out)
-                spec("ResponseStreamEvent", data)
-                event = adapter.validate_python(data)
-                if data["type"] == "response.function_call_arguments.done":
-                    # OpenAI's published schema requires `name` here; the SDK's type does not know it yet
-                    assert event.model_extra == {"name": data["name"]}
-                    event.__pydantic_extra__.clear()
-                assert_no_extra(event)
-                out.append(data)
+    out = named_events(server, "/v1/responses", body)
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    for data in out:
+        spec("ResponseStreamEvent", data)
+        event = adapter.validate_python(data)
+        if data["type"] == "response.function_call_arguments.done":
+            # OpenAI's published schema requires `name` here; the SDK's type does not know it yet
+            assert event.model_extra == {"name": data["name"]}
+            event.__pydantic_extra__.clear()
+        assert_no_extra(event)
     return out
 
 

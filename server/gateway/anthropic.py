@@ -213,10 +213,6 @@ def _input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _event(kind: str, data: dict) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
-
-
 async def message_events(
     steps: AsyncIterator[EngineStep],
     msg_id: str,
@@ -227,7 +223,7 @@ async def message_events(
 ) -> AsyncIterator[bytes]:
     """Anthropic's stream: message_start, ping, content blocks (text deltas; tool_use blocks with
     input_json_delta fragments), message_delta (stop reason, output tokens), message_stop."""
-    yield _event(
+    yield render.named_sse(
         "message_start",
         {
             "type": "message_start",
@@ -243,7 +239,7 @@ async def message_events(
             },
         },
     )
-    yield _event("ping", {"type": "ping"})
+    yield render.named_sse("ping", {"type": "ping"})
     parser = tools.CallParser() if with_tools else None
     blocks = _Blocks()
     output_tokens = 0
@@ -262,13 +258,13 @@ async def message_events(
             if any(c.num_tokens for c in step.choices):
                 timer.tokens()
     except Exception as exc:  # the headers are sent: an error event ends the stream
-        yield _event("error", render.failure(exc, timer).anthropic_body())
+        yield render.named_sse("error", render.failure(exc, timer).anthropic_body())
         return
     for out in blocks.close():
         yield out
     timer.done(prompt_tokens, output_tokens)
     reason = stop_reason(finish, stop, blocks.calls > 0)
-    yield _event(
+    yield render.named_sse(
         "message_delta",
         {
             "type": "message_delta",
@@ -276,7 +272,7 @@ async def message_events(
             "usage": {"output_tokens": output_tokens},
         },
     )
-    yield _event("message_stop", {"type": "message_stop"})
+    yield render.named_sse("message_stop", {"type": "message_stop"})
 
 
 class _Blocks:
@@ -303,7 +299,7 @@ class _Blocks:
         else:
             delta = {"type": "input_json_delta", "partial_json": event.text}
         out.append(
-            _event(
+            render.named_sse(
                 "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
             )
         )
@@ -312,7 +308,7 @@ class _Blocks:
     def _start(self, block: dict, kind: str) -> bytes:
         self.index += 1
         self.open = kind
-        return _event(
+        return render.named_sse(
             "content_block_start",
             {"type": "content_block_start", "index": self.index, "content_block": block},
         )
@@ -321,4 +317,4 @@ class _Blocks:
         if self.open is None:
             return []
         self.open = None
-        return [_event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        return [render.named_sse("content_block_stop", {"type": "content_block_stop", "index": self.index})]

@@ -208,6 +208,7 @@ class Limits:
     vocab_size: int
     max_sequences: int  # per request: min(--max-sequences-per-request, --max-inflight-sequences)
     max_buffered_tokens: int
+    force_include_usage: bool = False  # every stream ends with usage, whatever the request asks
 
 
 @dataclass
@@ -260,7 +261,7 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
     return Plan(
         sequences=n,
         stream=bool(req.stream),
-        include_usage=_include_usage(req),
+        include_usage=_include_usage(req, limits),
         continuous_usage=_continuous_usage(req),
         n=n,
         requested_tokens=requested,
@@ -329,7 +330,7 @@ def completion_plan(req: CompletionRequest, limits: Limits) -> Plan:
     return Plan(
         sequences=len(prompts) * n,
         stream=bool(req.stream),
-        include_usage=_include_usage(req),
+        include_usage=_include_usage(req, limits),
         continuous_usage=_continuous_usage(req),
         n=n,
         requested_tokens=req.max_tokens,
@@ -384,8 +385,9 @@ def _continuous_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)
 
 
-def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
-    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+def _include_usage(req: ChatCompletionRequest | CompletionRequest, limits: Limits) -> bool:
+    asked = bool(req.stream_options and req.stream_options.include_usage)
+    return bool(req.stream) and (asked or limits.force_include_usage)
 
 
 def _check_sequences(sequences: int, param: str, limits: Limits) -> None:

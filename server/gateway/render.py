@@ -70,6 +70,11 @@ def sse(obj: dict) -> bytes:
     return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
+def named_sse(kind: str, obj: dict) -> bytes:
+    """An SSE event with an `event:` name, as the Anthropic and Responses streams send them."""
+    return f"event: {kind}\ndata: {_dumps(obj)}\n\n".encode()
+
+
 def _frame(base: dict, include_usage: bool) -> tuple[str, str]:
     """The text around a chunk's one choice: `data: {<base>,"choices":[` and `]<,"usage":null>}` + blank line.
 

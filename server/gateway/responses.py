@@ -12,7 +12,6 @@ it back as `input` items, as Codex CLI does with `store: false`.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -452,8 +451,7 @@ class _Events:
 
     def event(self, kind: str, **data: Any) -> bytes:
         self.seq += 1
-        payload = {"type": kind, "sequence_number": self.seq, **data}
-        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+        return render.named_sse(kind, {"type": kind, "sequence_number": self.seq, **data})
 
     def response(self, kind: str, status: str, **body: Any) -> bytes:
         return self.event(kind, response=self.shell.body(status, self.output, **body))

@@ -10,7 +10,7 @@ when the stream ends.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -68,13 +68,14 @@ class Services:
             vocab_size=len(self.template.tokenizer),
             max_sequences=min(s.max_sequences_per_request, s.max_inflight_sequences),
             max_buffered_tokens=s.max_buffered_tokens,
+            force_include_usage=s.force_include_usage,
         )
 
 
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
     limits = svc.limits
     plan = protocol.chat_plan(req, limits)
-    caller = _caller(svc, raw, req.model, req.priority, plan)
+    caller = _caller(svc, raw, req.model, req.priority)
     timer = RequestTimer(svc.metrics, "/v1/chat/completions", caller.tenant)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
@@ -99,7 +100,7 @@ async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, 
     """Anthropic's Messages API: the chat path, in Anthropic's shapes."""
     limits = svc.limits
     plan = protocol.chat_plan(anthropic.to_chat(req), limits)
-    caller = _caller(svc, raw, req.model, None, plan)
+    caller = _caller(svc, raw, req.model, None)
     timer = RequestTimer(svc.metrics, "/v1/messages", caller.tenant)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
@@ -124,7 +125,7 @@ async def create_response(
     tr = responses.to_chat(req)
     try:
         plan = protocol.chat_plan(tr.chat, limits)
-        caller = _caller(svc, raw, req.model, req.priority, plan)
+        caller = _caller(svc, raw, req.model, req.priority)
         timer = RequestTimer(svc.metrics, "/v1/responses", caller.tenant)
         with_tools = plan.tool_choice is not None
         async with AsyncExitStack() as owner:
@@ -180,7 +181,7 @@ async def completion(
 ) -> Response:
     limits = svc.limits
     plan = protocol.completion_plan(req, limits)
-    caller = _caller(svc, raw, req.model, req.priority, plan)
+    caller = _caller(svc, raw, req.model, req.priority)
     timer = RequestTimer(svc.metrics, "/v1/completions", caller.tenant)
     async with AsyncExitStack() as owner:
         trace = _trace(svc, raw, caller, timer, owner, request_id)
@@ -278,7 +279,7 @@ def _trace(
     return trace
 
 
-def _caller(svc: Services, raw: Request, model: str, priority: int | None, plan: protocol.Plan) -> Caller:
+def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Caller:
     tenant: Tenant = getattr(raw.state, "tenant", ANONYMOUS)
     if not tenant.may_use(model, svc.model_name):
         raise APIError(
@@ -296,11 +297,7 @@ def _caller(svc: Services, raw: Request, model: str, priority: int | None, plan:
                 param="priority",
             )
         chosen = 0
-    salt = None
-    if svc.tenants.enabled and svc.settings.cache_isolation:
-        salt = hashlib.sha256(f"dsv2-serve key {tenant.name}".encode()).hexdigest()
-    if svc.settings.force_include_usage and plan.stream:
-        plan.include_usage = True
+    salt = tenant.cache_salt if svc.tenants.enabled and svc.settings.cache_isolation else None
     return Caller(tenant, model, chosen, salt, _timeout(svc, raw))
 
 
@@ -313,8 +310,8 @@ def _timeout(svc: Services, raw: Request) -> float | None:
     try:
         asked = float(header)
     except ValueError:
-        asked = -1.0
-    if not asked > 0 or asked != asked or asked == float("inf"):
+        asked = math.nan
+    if not (math.isfinite(asked) and asked > 0):
         raise APIError(
             f"X-Request-Timeout must be a positive number of seconds; got {header!r}",
             param="X-Request-Timeout",

@@ -87,8 +87,10 @@ class Tenant:
     sequences: int = 0  # in flight now
     requests: Bucket | None = field(default=None, repr=False)
     tokens: Bucket | None = field(default=None, repr=False)
+    cache_salt: str = field(default="", repr=False)  # vLLM's cache_salt for this key's requests
 
     def __post_init__(self) -> None:
+        self.cache_salt = hashlib.sha256(f"dsv2-serve key {self.name}".encode()).hexdigest()
         if self.requests_per_minute:
             self.requests = Bucket(self.requests_per_minute)
         if self.tokens_per_minute:
