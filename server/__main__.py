@@ -1,4 +1,5 @@
-"""Command line: `python -m server serve --model PATH [...]` and `python -m server tiny-model OUT_DIR [...]`."""
+"""Command line: `python -m server serve --model PATH [...]`, `python -m server tiny-model OUT_DIR [...]` and
+`python -m server tiny-lora OUT_DIR --base DIR`."""
 
 from __future__ import annotations
 
@@ -67,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         help="dtype of unquantised tensors.",
     )
+
+    lora = sub.add_parser(
+        "tiny-lora",
+        help="Write a random peft LoRA adapter for a checkpoint (to try --lora-modules).",
+        description="Write a random peft LoRA adapter (adapter_config.json + adapter_model.safetensors) for the "
+        "checkpoint in --base: q_proj, o_proj and the dense and shared-expert MLPs, strong enough to change the "
+        "output.",
+    )
+    lora.add_argument("out_dir", help="Directory to write the adapter to.")
+    lora.add_argument(
+        "--base", required=True, help="The checkpoint the adapter is for (a tiny-model directory)."
+    )
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r.")
+    lora.add_argument("--seed", type=int, default=1, help="Random seed.")
     return parser
 
 
@@ -99,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote DeepSeek-V2 ({kind}) checkpoint to {out}")
         return 0
 
+    if args.command == "tiny-lora":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from server.tiny_model import write_tiny_lora
+
+        out = write_tiny_lora(args.out_dir, args.base, seed=args.seed, rank=args.rank)
+        print(f"wrote a rank-{args.rank} LoRA adapter for {args.base} to {out}")
+        return 0
+
     from pydantic import ValidationError
 
     from server.settings import settings_from_args
@@ -108,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            print(f"error: --{field.replace('_', '-')}: {err['msg']}", file=sys.stderr)
+            msg = err["msg"].removeprefix("Value error, ")
+            print(f"error: --{field.replace('_', '-')}: {msg}" if field else f"error: {msg}", file=sys.stderr)
         return 2
 
     from server.gateway.app import run

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     hidden_model_aliases: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="More accepted names (e.g. gpt-4o-mini, deepseek-chat), comma-separated, not listed on /v1/models.",
+    )
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters served beside the base model, as name=path (a peft adapter directory or repo "
+        "id), space- or comma-separated; a request selects one with `model: name`. Turns on vLLM's --enable-lora.",
     )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer path or repo id; default: the model's."
@@ -172,13 +177,43 @@ class Settings(BaseSettings):
         "cors_headers",
         "served_model_name",
         "hidden_model_aliases",
+        "lora_modules",
         mode="before",
     )
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
+        if isinstance(v, list):  # repeated or space-separated flag values may each hold a comma list
+            return [part.strip() for item in v for part in str(item).split(",") if part.strip()]
         return v
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _check_lora_modules(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for item in v:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"{item!r} is not name=path")
+            if name in seen:
+                raise ValueError(f"adapter name {name!r} is given twice")
+            seen.add(name)
+            where = Path(path).expanduser()
+            local = where.exists() or path.startswith(("/", ".", "~"))
+            if local and not (where / "adapter_config.json").is_file():
+                raise ValueError(f"{name}: {path} is not a peft adapter directory (no adapter_config.json)")
+        return v
+
+    @model_validator(mode="after")
+    def _adapters_apart_from_model_names(self) -> Settings:
+        taken = {self.model_name, *self.model_aliases, *self.hidden_model_aliases, self.model}
+        for name in self.adapters:
+            if name in taken:
+                raise ValueError(
+                    f"--lora-modules: the adapter name {name!r} is already a name of the base model"
+                )
+        return self
 
     @property
     def model_name(self) -> str:
@@ -190,12 +225,18 @@ class Settings(BaseSettings):
         """Names listed on /v1/models after the canonical one."""
         return self.served_model_name[1:]
 
+    @property
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapter name -> path, in the order given."""
+        return dict(item.partition("=")[::2] for item in self.lora_modules)
+
 
 # flag name -> Settings field; flags default to None so that unset flags fall back to env/defaults.
 _FLAGS: list[tuple[str, dict]] = [
     ("--model", {}),
     ("--served-model-name", {}),
     ("--hidden-model-aliases", {}),
+    ("--lora-modules", {"nargs": "+", "action": "extend"}),
     ("--tokenizer", {}),
     ("--tensor-parallel-size", {"type": int}),
     ("--pipeline-parallel-size", {"type": int}),

@@ -132,6 +132,9 @@ def run(settings: Settings) -> int:
         engine = VLLMEngine(settings)
     except SystemExit as exc:  # vLLM's parser rejected a pass-through engine flag (it printed why)
         return exc.code if isinstance(exc.code, int) else 2
+    except ValueError as exc:  # engine flags that contradict ours (e.g. --max-lora-rank below an adapter's)
+        log.error("%s", exc)
+        return 2
     try:
         app = create_app(settings, engine)
     except ValueError as exc:  # a bad --api-key-file: say what is wrong, start nothing

@@ -7,12 +7,14 @@ vLLM and an HTTP unit test can substitute a fake engine (tests/fake_engine.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from server.settings import Settings
@@ -75,6 +77,7 @@ class SamplingOptions:
     # policy) and the prefix-cache salt (requests share cached KV blocks only with the same salt).
     priority: int = 0
     cache_salt: str | None = None
+    adapter: str | None = None  # a --lora-modules name: the request runs with that LoRA adapter
 
 
 @dataclass
@@ -193,7 +196,36 @@ def build_engine_args(settings: Settings):
     # The MLA attention backend is vLLM's pick (or the pass-through flag); on CPU the model plugin's config
     # hook steers fp16/fp32 away from AMX_MLA, for this gateway and plain vLLM alike.
     args.kv_cache_memory_bytes = _kv_cache_bytes(settings, args)
+    if settings.adapters:
+        args.enable_lora = True
+        need = _lora_rank_for(settings.adapters)
+        if not _given(settings.engine_args, "--max-lora-rank"):
+            args.max_lora_rank = max(args.max_lora_rank, need)
+        elif args.max_lora_rank < need:
+            raise ValueError(
+                f"--max-lora-rank {args.max_lora_rank} is below the rank of a --lora-modules adapter; "
+                f"give {need} or more, or leave it out to have it set from the adapters"
+            )
     return args
+
+
+def _given(engine_args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in engine_args)
+
+
+def _lora_rank_for(adapters: dict[str, str]) -> int:
+    """The smallest rank vLLM allows (--max-lora-rank's choices) that fits every local adapter's `r`."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = [
+        json.loads(cfg.read_text()).get("r", 0)
+        for path in adapters.values()
+        if (cfg := Path(path).expanduser() / "adapter_config.json").is_file()
+    ]
+    need = max(ranks, default=0)
+    return next((r for r in sorted(get_args(MaxLoRARanks)) if r >= need), need)
 
 
 # On CPU, vLLM reads --gpu-memory-utilization as the share of host memory that must be *free* at startup
@@ -225,6 +257,7 @@ class VLLMEngine:
         self._llm = None
         # Parsed now, so that a bad pass-through flag fails before the server starts.
         self.args = build_engine_args(settings)
+        self._adapters: dict[str, Any] = {}  # name -> vLLM LoRARequest, loaded at start
 
     async def start(self) -> None:
         from vllm.usage.usage_lib import UsageContext
@@ -246,7 +279,28 @@ class VLLMEngine:
         )
         self.max_model_len = self._llm.model_config.max_model_len
         self.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
+        try:
+            await self._load_adapters()
+        except BaseException:
+            await self.shutdown()
+            raise
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
+
+    async def _load_adapters(self) -> None:
+        """Each --lora-modules adapter, loaded into the engine now, so that a bad one stops the start-up with
+        its name rather than failing its first request."""
+        from vllm.lora.request import LoRARequest
+
+        for lora_id, (name, path) in enumerate(self.settings.adapters.items(), start=1):
+            request = LoRARequest(
+                name, lora_id, str(Path(path).expanduser()), base_model_name=self.settings.model_name
+            )
+            try:
+                await self._llm.add_lora(request)
+            except Exception as exc:
+                raise RuntimeError(f"LoRA adapter {name!r} ({path}) did not load: {exc}") from exc
+            self._adapters[name] = request
+            log.info("LoRA adapter %r loaded from %s", name, path)
 
     @property
     def is_dead(self) -> bool:
@@ -285,7 +339,10 @@ class VLLMEngine:
         try:
             params = _sampling_params(options)
             prompt = tokens_input(prompt_token_ids, cache_salt=options.cache_salt)
-            async for out in llm.generate(prompt, params, request_id, priority=options.priority):
+            lora = self._adapters[options.adapter] if options.adapter else None
+            async for out in llm.generate(
+                prompt, params, request_id, lora_request=lora, priority=options.priority
+            ):
                 now = time.monotonic()
                 progress.last_step = now
                 choices = []

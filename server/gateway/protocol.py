@@ -630,6 +630,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     owned_by: str
     max_model_len: int
+    root: str = Field(description="The weights: the model's path or repo id, or a LoRA adapter's.")
+    parent: str | None = Field(default=None, description="For a LoRA adapter: the base model it adapts.")
 
 
 class ModelList(BaseModel):

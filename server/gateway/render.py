@@ -535,11 +535,15 @@ def completion_body(
     )
 
 
-def model_card(model_id: str, created: int, max_model_len: int) -> dict:
+def model_card(model_id: str, created: int, max_model_len: int, root: str, parent: str | None) -> dict:
+    """OpenAI's model object, with vLLM's extras: the context length, the weights' `root`, and for a LoRA
+    adapter its base model as `parent`."""
     return {
         "id": model_id,
         "object": "model",
         "created": created,
         "owned_by": "dsv2-serve",
         "max_model_len": max_model_len,
+        "root": root,
+        "parent": parent,
     }

@@ -63,7 +63,7 @@ class Services:
     def __post_init__(self) -> None:
         s = self.settings
         self.limits = protocol.Limits(
-            model_names=(self.model_name, *s.model_aliases, *s.hidden_model_aliases, s.model),
+            model_names=(self.model_name, *s.model_aliases, *s.hidden_model_aliases, s.model, *s.adapters),
             max_model_len=self.engine.max_model_len,
             vocab_size=len(self.template.tokenizer),
             max_sequences=min(s.max_sequences_per_request, s.max_inflight_sequences),
@@ -221,18 +221,20 @@ async def completion(
 
 
 def models(svc: Services) -> dict:
-    return {
-        "object": "list",
-        "data": [
-            render.model_card(name, svc.created, svc.engine.max_model_len)
-            for name in (svc.model_name, *svc.settings.model_aliases)
-        ],
-    }
+    """The base model's listed names, then each LoRA adapter with the base model as its `parent`."""
+    names = (svc.model_name, *svc.settings.model_aliases, *svc.settings.adapters)
+    return {"object": "list", "data": [_card(svc, name) for name in names]}
 
 
 def model(svc: Services, model_id: str) -> dict:
     protocol.check_model(model_id, svc.limits)
-    return render.model_card(model_id, svc.created, svc.engine.max_model_len)
+    return _card(svc, model_id)
+
+
+def _card(svc: Services, name: str) -> dict:
+    adapter = svc.settings.adapters.get(name)
+    root, parent = (adapter, svc.model_name) if adapter is not None else (svc.settings.model, None)
+    return render.model_card(name, svc.created, svc.engine.max_model_len, root, parent)
 
 
 # --- who is asking: key, model name, priority, cache salt, deadline ---------------------------------------------
@@ -244,6 +246,7 @@ class Caller:
 
     tenant: Tenant
     model: str  # the name the client asked for: responses report it
+    adapter: str | None  # the LoRA adapter that name selects, if it names one
     priority: int
     cache_salt: str | None
     timeout: float | None  # seconds, from arrival
@@ -253,6 +256,7 @@ class Caller:
         for o in options:
             o.priority = self.priority
             o.cache_salt = self.cache_salt
+            o.adapter = self.adapter
         return options
 
     def within(self, steps: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -281,7 +285,9 @@ def _trace(
 
 def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Caller:
     tenant: Tenant = getattr(raw.state, "tenant", ANONYMOUS)
-    if not tenant.may_use(model, svc.model_name):
+    adapter = model if model in svc.settings.adapters else None
+    # An alias of the base model is the base model to a key's model list; an adapter is only itself.
+    if not (tenant.may_use(model) if adapter else tenant.may_use(model, svc.model_name)):
         raise APIError(
             f"key {tenant.name!r} may not use the model `{model}`",
             403,
@@ -298,7 +304,7 @@ def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Ca
             )
         chosen = 0
     salt = tenant.cache_salt if svc.tenants.enabled and svc.settings.cache_isolation else None
-    return Caller(tenant, model, chosen, salt, _timeout(svc, raw))
+    return Caller(tenant, model, adapter, chosen, salt, _timeout(svc, raw))
 
 
 def _timeout(svc: Services, raw: Request) -> float | None:
