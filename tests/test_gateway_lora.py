@@ -1,8 +1,9 @@
 """LoRA adapters through the gateway: `--lora-modules name=path` serves peft adapters beside the base model,
 lists them on /v1/models with their `parent`, and a request selects one with `model`.
 
-- Real engine (`python -m server serve`, fp32, two adapters the project generates): greedy completions of
-  each adapter equal transformers (+ peft, or on the merged weights) on the same adapter directory; the base
+- Real engine (`python -m server serve`, fp32, tensor-parallel over 2 ranks, two adapters the project
+  generates): greedy completions of each adapter equal transformers (+ peft, or on the merged weights) on the
+  same adapter directory, so vLLM's sharded LoRA layers are checked as well as the gateway; the base
   model's name still gives the base model; the OpenAI SDK, chat and the Responses API select adapters too.
 - Over FakeEngine (HTTP unit tests): listing, selection, per-key model lists, and start-up refusals.
 The model-level LoRA checks (which layers take adapters, what vLLM's CPU build cannot adapt) are in
@@ -49,6 +50,8 @@ def server(tiny_lite_dir, adapters, tmp_path_factory):
         "--attention-backend", FP32_ATTENTION_BACKEND,
         "--lora-modules", f"sql={adapters['sql']}", f"all={adapters['all']}",
         "--max-loras", "2",
+        "--tensor-parallel-size", "2",
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per CPU worker
     )  # fmt: skip
     yield srv
     assert srv.stop() == 0, srv.logs()
