@@ -75,8 +75,9 @@ def _worker(args: argparse.Namespace) -> None:
         llm.generate(batch, params, use_tqdm=False)
         return time.perf_counter() - t0
 
+    timed(fresh_prompts(1), 1)  # warm-up: the TTFT shape (one prompt) ...
     for batch in _batches(args.batch):
-        timed(fresh_prompts(batch), 4)  # warm-up
+        timed(fresh_prompts(batch), 4)  # ... and each batch
     result_out.write(RESULT_PREFIX + json.dumps({"ready": True, "class": cls}) + "\n")
     for line in sys.stdin:
         if line.strip() != "run":

@@ -6,8 +6,9 @@
 #   bash scripts/gpu-smoke.sh --skip-install  # reuse the venv
 #   bash scripts/gpu-smoke.sh --dry-run       # print the cases and the commands, run nothing
 #
-# Cases: the tiny checkpoint, the real-width checkpoint (DeepSeek-V2-Lite's shapes, 2 layers) and its AWQ
-# export (group 64), bf16, at TP=1 and, when two GPUs exist, TP=2. Each prints one line
+# Cases: the tiny checkpoint, the real-width checkpoint (DeepSeek-V2-Lite's shapes, 2 layers), its AWQ
+# export (group 64), and the tiny checkpoint with a generated LoRA adapter (vLLM's LoRA layers against
+# transformers on the merged weights), bf16, at TP=1 and, when two GPUs exist, TP=2. Each prints one line
 # (`<case>: OK ...` or `<case>: MISMATCH ...`); the script exits non-zero when any case mismatches or fails.
 set -euo pipefail
 
@@ -17,7 +18,7 @@ usage: bash scripts/gpu-smoke.sh [options]
   --venv DIR        virtual environment to create/use (default: .venv-gpu)
   --work DIR        where checkpoints and references go (default: ${TMPDIR:-/tmp}/dsv2-gpu-smoke)
   --tokens N        greedy tokens per prompt (default: 32)
-  --cases LIST      comma-separated subset of: tiny,real,awq (default: all)
+  --cases LIST      comma-separated subset of: tiny,real,awq,lora (default: all)
   --gpus N          number of GPUs to use (default: what nvidia-smi lists)
   --skip-install    use the venv as it is
   --eager           also run every case with --enforce-eager
@@ -29,7 +30,7 @@ EOF
 VENV=.venv-gpu
 WORK="${TMPDIR:-/tmp}/dsv2-gpu-smoke"
 TOKENS=32
-CASES=tiny,real,awq
+CASES=tiny,real,awq,lora
 GPUS=""
 SKIP_INSTALL=0
 EAGER=0
@@ -51,7 +52,7 @@ done
 case "$TOKENS" in ''|*[!0-9]*) echo "gpu-smoke: --tokens must be a positive integer, got '$TOKENS'" >&2; exit 2 ;; esac
 IFS=, read -r -a CASE_LIST <<<"$CASES"
 for c in "${CASE_LIST[@]}"; do
-  case "$c" in tiny|real|awq) ;; *) echo "gpu-smoke: unknown case '$c' (tiny, real, awq)" >&2; exit 2 ;; esac
+  case "$c" in tiny|real|awq|lora) ;; *) echo "gpu-smoke: unknown case '$c' (tiny, real, awq, lora)" >&2; exit 2 ;; esac
 done
 
 if [ -z "$GPUS" ]; then
@@ -70,7 +71,12 @@ declare -A CKPT_ARGS=(
   [tiny]=""
   [real]="--real-widths"
   [awq]="--real-widths --awq --awq-group-size 64"
+  [lora]=""
 )
+# The lora case: a rank-8 adapter on q_proj, o_proj and the dense and shared-expert MLPs of its checkpoint.
+lora_args() {
+  if [ "$1" = lora ]; then echo "--lora $WORK/lora-adapter"; fi
+}
 
 plan() {
   if [ "$SKIP_INSTALL" -eq 0 ]; then
@@ -78,11 +84,14 @@ plan() {
   fi
   for c in "${CASE_LIST[@]}"; do
     echo "checkpoint $c: $PY -m server tiny-model $WORK/$c ${CKPT_ARGS[$c]}"
-    echo "reference $c: $PY scripts/gpu_smoke.py reference --model $WORK/$c --out $WORK/$c.ref.json --tokens $TOKENS"
+    if [ "$c" = lora ]; then
+      echo "adapter lora: $PY -m server tiny-lora $WORK/lora-adapter --base $WORK/lora"
+    fi
+    echo "reference $c: $PY scripts/gpu_smoke.py reference --model $WORK/$c --out $WORK/$c.ref.json --tokens $TOKENS$(lora_args "$c" | sed 's/^/ /')"
     for tp in "${TP_SIZES[@]}"; do
-      echo "case $c-tp$tp: $PY scripts/gpu_smoke.py run --model $WORK/$c --ref $WORK/$c.ref.json --case $c-tp$tp --tp $tp"
+      echo "case $c-tp$tp: $PY scripts/gpu_smoke.py run --model $WORK/$c --ref $WORK/$c.ref.json --case $c-tp$tp --tp $tp$(lora_args "$c" | sed 's/^/ /')"
       if [ "$EAGER" -eq 1 ]; then
-        echo "case $c-tp$tp-eager: $PY scripts/gpu_smoke.py run --model $WORK/$c --ref $WORK/$c.ref.json --case $c-tp$tp-eager --tp $tp --eager"
+        echo "case $c-tp$tp-eager: $PY scripts/gpu_smoke.py run --model $WORK/$c --ref $WORK/$c.ref.json --case $c-tp$tp-eager --tp $tp --eager$(lora_args "$c" | sed 's/^/ /')"
       fi
     done
   done
@@ -107,7 +116,11 @@ results=()
 for c in "${CASE_LIST[@]}"; do
   # shellcheck disable=SC2086  # the checkpoint flags are words
   [ -f "$WORK/$c/config.json" ] || "$PY" -m server tiny-model "$WORK/$c" ${CKPT_ARGS[$c]} >/dev/null
-  [ -f "$WORK/$c.ref.json" ] || "$PY" scripts/gpu_smoke.py reference --model "$WORK/$c" --out "$WORK/$c.ref.json" --tokens "$TOKENS"
+  read -r -a lora <<<"$(lora_args "$c")"
+  if [ "$c" = lora ] && [ ! -f "$WORK/lora-adapter/adapter_config.json" ]; then
+    "$PY" -m server tiny-lora "$WORK/lora-adapter" --base "$WORK/lora" >/dev/null
+  fi
+  [ -f "$WORK/$c.ref.json" ] || "$PY" scripts/gpu_smoke.py reference --model "$WORK/$c" --out "$WORK/$c.ref.json" --tokens "$TOKENS" "${lora[@]}"
   for tp in "${TP_SIZES[@]}"; do
     modes=(compiled)
     if [ "$EAGER" -eq 1 ]; then modes+=(eager); fi
@@ -115,7 +128,7 @@ for c in "${CASE_LIST[@]}"; do
       name="$c-tp$tp"; extra=()
       if [ "$mode" = eager ]; then name="$name-eager"; extra=(--eager); fi
       log="$WORK/$name.log"
-      if line=$("$PY" scripts/gpu_smoke.py run --model "$WORK/$c" --ref "$WORK/$c.ref.json" --case "$name" --tp "$tp" "${extra[@]}" 2>"$log" | tail -n 1) \
+      if line=$("$PY" scripts/gpu_smoke.py run --model "$WORK/$c" --ref "$WORK/$c.ref.json" --case "$name" --tp "$tp" "${extra[@]}" "${lora[@]}" 2>"$log" | tail -n 1) \
           && [[ "$line" == *": OK "* ]]; then
         results+=("$line")
       else

@@ -1,11 +1,13 @@
 """The Python half of scripts/gpu-smoke.sh: transformers references and vLLM runs compared token by token.
 
-    python scripts/gpu_smoke.py reference --model DIR --out REF.json [--tokens N] [--device cuda|cpu]
-    python scripts/gpu_smoke.py run --model DIR --ref REF.json --case NAME [--tp N] [--dtype D] [--eager]
+    python scripts/gpu_smoke.py reference --model DIR --out REF.json [--tokens N] [--device cuda|cpu] [--lora A]
+    python scripts/gpu_smoke.py run --model DIR --ref REF.json --case NAME [--tp N] [--dtype D] [--eager] [--lora A]
 
-`reference` runs transformers in fp32 greedily (an AWQ export on its dequantised weights) and writes the
-prompt ids, the chosen tokens and every step's top-2 log-probability gap. `run` serves the checkpoint with vLLM
-as a GPU runs it by default (torch.compile and CUDA graphs, unless --eager), greedy, and prints one line:
+`reference` runs transformers in fp32 greedily (an AWQ export on its dequantised weights; with --lora, on the
+weights merged with the peft adapter A: W + (alpha / r) B A) and writes the prompt ids, the chosen tokens and
+every step's top-2 log-probability gap. `run` serves the checkpoint with vLLM as a GPU runs it by default
+(torch.compile and CUDA graphs, unless --eager; with --lora, through vLLM's LoRA layers with adapter A), greedy,
+and prints one line:
 
     <case>: OK   <n> tokens identical ...        or        <case>: MISMATCH prompt i step j ...
 
@@ -77,10 +79,33 @@ def dequantized_copy(awq_dir: Path, out: Path) -> Path:
     return out
 
 
-def reference(model_dir: str, n_tokens: int, device: str, work: Path) -> dict:
+def merge_lora(model, adapter_dir: Path) -> int:
+    """Add a peft LoRA adapter into the model's weights in place (W += alpha / r * B A); returns how many."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    merged = 0
+    with torch.no_grad():
+        for name, a in tensors.items():
+            if ".lora_A." not in name:
+                continue
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = tensors[name.replace(".lora_A.", ".lora_B.")]
+            weight = model.get_parameter(f"{module}.weight")
+            weight += scale * (b.float() @ a.float()).to(weight.device)
+            merged += 1
+    return merged
+
+
+def reference(model_dir: str, n_tokens: int, device: str, work: Path, lora: str | None = None) -> dict:
     import torch
 
     model = _hf_model(model_dir, device, work)
+    if lora:
+        merge_lora(model, Path(lora))
     prompts = prompt_ids(model_dir)
     tokens, gaps = [], []
     with torch.no_grad():
@@ -97,7 +122,7 @@ def reference(model_dir: str, n_tokens: int, device: str, work: Path) -> dict:
                 input_ids = torch.tensor([[toks[-1]]], device=device)
             tokens.append(toks)
             gaps.append(step_gaps)
-    return {"model": model_dir, "prompts": prompts, "tokens": tokens, "gaps": gaps}
+    return {"model": model_dir, "lora": lora, "prompts": prompts, "tokens": tokens, "gaps": gaps}
 
 
 def compare(got: list[list[int]], ref: dict, tie_gap: float) -> tuple[bool, str]:
@@ -125,6 +150,19 @@ def run(args: argparse.Namespace) -> int:
     from vllm import LLM, SamplingParams
 
     ref = json.loads(Path(args.ref).read_text())
+    if (ref.get("lora") is None) != (args.lora is None):
+        print(f"{args.case}: FAILED the reference was made {'with' if ref.get('lora') else 'without'} --lora")
+        return 1
+    lora_args, lora_request = {}, None
+    if args.lora:
+        from typing import get_args
+
+        from vllm.config.lora import MaxLoRARanks
+        from vllm.lora.request import LoRARequest
+
+        rank = json.loads((Path(args.lora) / "adapter_config.json").read_text())["r"]
+        lora_args = {"enable_lora": True, "max_lora_rank": min(r for r in get_args(MaxLoRARanks) if r >= rank)}
+        lora_request = LoRARequest("smoke", 1, str(Path(args.lora).resolve()))
     llm = LLM(
         args.model,
         tensor_parallel_size=args.tp,
@@ -133,10 +171,13 @@ def run(args: argparse.Namespace) -> int:
         enforce_eager=args.eager,
         gpu_memory_utilization=args.gpu_memory_utilization,
         seed=0,
+        **lora_args,
     )
     n = len(ref["tokens"][0])
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in ref["prompts"]], params, use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in ref["prompts"]], params, lora_request=lora_request, use_tqdm=False
+    )
     ok, line = compare([list(o.outputs[0].token_ids) for o in outs], ref, args.tie_gap)
     print(f"{args.case}: {line}", flush=True)
     return 0 if ok else 1
@@ -150,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--tokens", type=int, default=32)
     r.add_argument("--device", default=None, help="cuda when available, else cpu")
+    r.add_argument("--lora", default=None, help="a peft LoRA adapter directory, merged into the weights")
     v = sub.add_parser("run", help="vLLM greedy vs a reference; one line, exit 1 on a mismatch")
     v.add_argument("--model", required=True)
     v.add_argument("--ref", required=True)
@@ -160,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tie-gap", type=float, default=0.1, help="top-2 log-prob gap counted as a near-tie")
     v.add_argument("--max-model-len", type=int, default=512)
     v.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    v.add_argument("--lora", default=None, help="a peft LoRA adapter directory, served through vLLM's LoRA")
     return p
 
 
@@ -170,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         out = Path(args.out)
-        out.write_text(json.dumps(reference(args.model, args.tokens, device, out.parent)) + "\n")
+        out.write_text(json.dumps(reference(args.model, args.tokens, device, out.parent, args.lora)) + "\n")
         print(f"reference: {args.model} on {device} -> {args.out}")
         return 0
     return run(args)

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         description="LoRA adapters served beside the base model, as name=path (a peft adapter directory or repo "
         "id), space- or comma-separated; a request selects one with `model: name`. Turns on vLLM's --enable-lora.",
     )
+    allow_runtime_lora_updating: bool = Field(
+        default=False,
+        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA API): "
+        "any authorised key may load an adapter from a path the server can read. Turns on vLLM's --enable-lora.",
+    )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer path or repo id; default: the model's."
     )
@@ -237,6 +242,7 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--served-model-name", {}),
     ("--hidden-model-aliases", {}),
     ("--lora-modules", {"nargs": "+", "action": "extend"}),
+    ("--allow-runtime-lora-updating", {"action": "store_const", "const": True}),
     ("--tokenizer", {}),
     ("--tensor-parallel-size", {"type": int}),
     ("--pipeline-parallel-size", {"type": int}),

@@ -16,6 +16,7 @@ from server.gateway.engine import (
     EngineDead,
     EngineFailed,
     EngineProgress,
+    EngineRejected,
     EngineStep,
     EngineTimings,
     RequestAborted,
@@ -48,6 +49,7 @@ class FakeEngine:
         self.running: set[str] = set()
         self.generated: list[str] = []  # request ids, in order
         self.options: list[SamplingOptions] = []  # what each request asked of the sampler
+        self.adapters: dict[str, str] = {}  # LoRA adapters loaded at run time
 
     async def start(self) -> None:
         self.started = True
@@ -66,6 +68,15 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self.started = False
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Records the adapter; a path containing "broken" fails to load, as a bad adapter does in vLLM."""
+        if "broken" in path:
+            raise EngineRejected(f"LoRA adapter {name!r} ({path}) did not load: fake failure", "lora_path")
+        self.adapters[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
 
     async def generate(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str

@@ -51,6 +51,7 @@ def server(tiny_lite_dir, adapters, tmp_path_factory):
         "--lora-modules", f"sql={adapters['sql']}", f"all={adapters['all']}",
         "--max-loras", "2",
         "--tensor-parallel-size", "2",
+        "--allow-runtime-lora-updating",
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per CPU worker
     )  # fmt: skip
     yield srv
@@ -174,6 +175,36 @@ def test_unknown_adapter_is_a_404_and_the_server_keeps_serving(server):
     )
 
 
+@pytest.mark.engine
+def test_runtime_load_and_unload(server, adapters, tiny_lite_dir, tokenizer, tmp_path_factory):
+    """vLLM's runtime LoRA API: an adapter loaded under a new name serves the same tokens as at start-up; one
+    that vLLM cannot load (rank above --max-lora-rank) is a 400 naming lora_path and the server keeps serving;
+    an unloaded name is a 404."""
+    from server.tiny_model import write_tiny_lora
+
+    prompts = prompt_ids(tiny_lite_dir)[:2]
+
+    def post(path: str, **body) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", json=body, timeout=120)
+
+    r = post("/v1/load_lora_adapter", lora_name="sql2", lora_path=str(adapters["sql"]))
+    assert r.status_code == 200 and "sql2" in r.text, r.text
+    assert [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]][-1] == "sql2"
+    assert completions(server, "sql2", prompts) == completions(server, "sql", prompts)
+
+    wide = write_tiny_lora(tmp_path_factory.mktemp("lora-r32"), tiny_lite_dir, rank=32)
+    r = post("/v1/load_lora_adapter", lora_name="wide", lora_path=str(wide))
+    err = assert_openai_error(r, 400, "lora_path")
+    assert "LoRA rank 32 is greater than max_lora_rank 16" in err["message"], err
+    assert_openai_error(post("/v1/completions", model="wide", prompt="x", max_tokens=2), 404, "model")
+
+    assert post("/v1/unload_lora_adapter", lora_name="sql2").status_code == 200
+    assert_openai_error(post("/v1/completions", model="sql2", prompt="x", max_tokens=2), 404, "model")
+    assert_openai_error(post("/v1/unload_lora_adapter", lora_name="sql2"), 404, "lora_name")
+    want = hf_greedy(hf_model(tiny_lite_dir), prompts)
+    assert_same_as(completions(server, MODEL, prompts), want, tokenizer)
+
+
 # --- over FakeEngine (HTTP unit tests) -------------------------------------------------------------------------
 
 
@@ -269,3 +300,61 @@ def test_serve_refuses_a_bad_lora_module_before_starting_the_engine(tiny_lite_di
     )
     assert proc.returncode == 2, proc.stderr
     assert "error: --lora-modules: 'sql' is not name=path" in proc.stderr
+
+
+def test_http_runtime_adapters(tiny_lite_dir, adapters):
+    engine = FakeEngine()
+    with make_client(
+        tiny_lite_dir,
+        engine=engine,
+        allow_runtime_lora_updating=True,
+        lora_modules=[f"sql={adapters['sql']}"],
+    ) as c:
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": str(adapters["all"])})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'new' added successfully."
+        assert engine.adapters == {"new": str(adapters["all"])}
+        card = c.get("/v1/models/new").json()
+        assert (card["parent"], card["root"]) == ("tiny", str(adapters["all"]))
+        chat = {"model": "new", "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/chat/completions", json=chat).json()["model"] == "new"
+        assert engine.options[-1].adapter == "new"
+
+        for body, status, param in [
+            ({"lora_name": "tiny", "lora_path": str(adapters["all"])}, 400, "lora_name"),
+            ({"lora_name": "sql", "lora_path": str(adapters["all"])}, 400, "lora_name"),
+            ({"lora_name": "x", "lora_path": "/no/such/adapter"}, 400, "lora_path"),
+            (
+                {"lora_name": "x", "lora_path": str(tiny_lite_dir)},
+                400,
+                "lora_path",
+            ),  # a model, not an adapter
+            (
+                {"lora_name": "x", "lora_path": "org/broken-adapter"},
+                400,
+                "lora_path",
+            ),  # the engine refuses it
+            ({"lora_name": "", "lora_path": "a"}, 400, "lora_name"),
+            ({"lora_path": "a"}, 400, "lora_name"),
+        ]:
+            assert_openai_error(c.post("/v1/load_lora_adapter", json=body), status, param)
+        assert "x" not in engine.adapters and c.get("/v1/models/x").status_code == 404
+
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "new"}).status_code == 200
+        assert engine.adapters == {}
+        assert_openai_error(c.post("/v1/chat/completions", json=chat), 404, "model")
+        assert_openai_error(c.post("/v1/unload_lora_adapter", json={"lora_name": "new"}), 404, "lora_name")
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 200  # static too
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
+
+
+def test_http_runtime_adapter_api_is_off_by_default(client_without_lora_api):
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        assert_openai_error(
+            client_without_lora_api.post(path, json={"lora_name": "a", "lora_path": "b"}), 404
+        )
+
+
+@pytest.fixture
+def client_without_lora_api(tiny_lite_dir):
+    with make_client(tiny_lite_dir) as c:
+        yield c

@@ -39,12 +39,20 @@ def test_dry_run_plans_every_case_at_the_tp_sizes_the_gpus_allow(gpus: str, tps:
     cases = [
         line.split(":")[0].removeprefix("case ") for line in r.stdout.splitlines() if line.startswith("case ")
     ]
-    assert cases == [f"{c}-tp{tp}" for c in ("tiny", "real", "awq") for tp in tps]
+    assert cases == [f"{c}-tp{tp}" for c in ("tiny", "real", "awq", "lora") for tp in tps]
     assert "install: python3 -m venv /v && /v/bin/python -m pip install -e '.[cuda]'" in r.stdout
     assert "checkpoint real: /v/bin/python -m server tiny-model /w/real --real-widths" in r.stdout
     assert (
         "checkpoint awq: /v/bin/python -m server tiny-model /w/awq --real-widths --awq --awq-group-size 64"
         in r.stdout
+    )
+    assert "adapter lora: /v/bin/python -m server tiny-lora /w/lora-adapter --base /w/lora" in r.stdout
+    assert (
+        "reference lora: /v/bin/python scripts/gpu_smoke.py reference --model /w/lora --out /w/lora.ref.json "
+        "--tokens 32 --lora /w/lora-adapter" in r.stdout
+    )
+    assert all(
+        line.endswith("--lora /w/lora-adapter") for line in r.stdout.splitlines() if "case lora-" in line
     )
     assert "--eager" not in r.stdout  # the compiled path with CUDA graphs, vLLM's default
 
@@ -116,3 +124,25 @@ def test_references_equal_the_test_suites_oracle(tiny_lite_dir, tiny_awq_dir, tm
     assert awq["prompts"] == prompts
     assert awq["tokens"] == [t[:8] for t, _ in want]
     json.dumps(awq)  # what `reference --out` writes
+
+
+def test_lora_reference_is_transformers_on_the_merged_weights(tiny_lite_dir, tmp_path) -> None:
+    """`reference --lora` = the suite's LoRA oracle (transformers on W + alpha / r B A), and differs from the
+    base model's; `run` refuses a reference made with or without the adapter when it is given otherwise."""
+    import argparse
+
+    from server.tiny_model import write_tiny_lora
+    from tests.model_helpers import hf_greedy, hf_load_tensors, hf_model
+    from tests.test_model_lora import _merged
+
+    smoke = _module()
+    adapter = write_tiny_lora(tmp_path / "adapter", tiny_lite_dir)
+    ref = smoke.reference(str(tiny_lite_dir), 8, "cpu", tmp_path, str(adapter))
+    model = hf_model(tiny_lite_dir)
+    hf_load_tensors(model, _merged(tiny_lite_dir, adapter))
+    assert ref["tokens"] == [t for t, _ in hf_greedy(model, ref["prompts"], 8)]
+    assert ref["tokens"] != smoke.reference(str(tiny_lite_dir), 8, "cpu", tmp_path)["tokens"]
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(ref))
+    args = argparse.Namespace(ref=str(path), lora=None, case="lora-tp1")
+    assert smoke.run(args) == 1

@@ -24,7 +24,7 @@ from server.gateway.health import Health
 from server.gateway.logs import configure_logging
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.middleware import GatewayMiddleware
-from server.gateway.routes import router
+from server.gateway.routes import lora_router, router
 from server.gateway.serving import Services
 from server.gateway.template import ChatTemplate
 from server.gateway.tenants import load as load_tenants
@@ -95,6 +95,8 @@ def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer 
     app.state.metrics = metrics
     install_handlers(app)
     app.include_router(router)
+    if settings.allow_runtime_lora_updating:
+        app.include_router(lora_router)
     if settings.playground:
         app.include_router(playground.router)
     app.add_middleware(

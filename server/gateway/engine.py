@@ -144,6 +144,14 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter for requests whose options name it; EngineRejected if it does not load."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests may no longer name the adapter (requests running with it finish)."""
+        ...
+
     async def check_health(self) -> None:
         """Raise EngineDead if the engine cannot serve."""
         ...
@@ -196,7 +204,7 @@ def build_engine_args(settings: Settings):
     # The MLA attention backend is vLLM's pick (or the pass-through flag); on CPU the model plugin's config
     # hook steers fp16/fp32 away from AMX_MLA, for this gateway and plain vLLM alike.
     args.kv_cache_memory_bytes = _kv_cache_bytes(settings, args)
-    if settings.adapters:
+    if settings.adapters or settings.allow_runtime_lora_updating:
         args.enable_lora = True
         need = _lora_rank_for(settings.adapters)
         if not _given(settings.engine_args, "--max-lora-rank"):
@@ -257,7 +265,8 @@ class VLLMEngine:
         self._llm = None
         # Parsed now, so that a bad pass-through flag fails before the server starts.
         self.args = build_engine_args(settings)
-        self._adapters: dict[str, Any] = {}  # name -> vLLM LoRARequest, loaded at start
+        self._adapters: dict[str, Any] = {}  # name -> vLLM LoRARequest
+        self._lora_ids = 0  # vLLM's LoRA ids start at 1 and are never reused
 
     async def start(self) -> None:
         from vllm.usage.usage_lib import UsageContext
@@ -280,27 +289,37 @@ class VLLMEngine:
         self.max_model_len = self._llm.model_config.max_model_len
         self.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
         try:
-            await self._load_adapters()
+            for name, path in self.settings.adapters.items():
+                await self._add_lora(name, os.path.expanduser(path))
         except BaseException:
             await self.shutdown()
             raise
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
 
-    async def _load_adapters(self) -> None:
-        """Each --lora-modules adapter, loaded into the engine now, so that a bad one stops the start-up with
-        its name rather than failing its first request."""
+    async def _add_lora(self, name: str, path: str) -> None:
+        """Load an adapter into the engine under a new id. The --lora-modules ones are loaded at start, so a
+        bad one stops the start-up with its name rather than failing its first request."""
         from vllm.lora.request import LoRARequest
 
-        for lora_id, (name, path) in enumerate(self.settings.adapters.items(), start=1):
-            request = LoRARequest(
-                name, lora_id, str(Path(path).expanduser()), base_model_name=self.settings.model_name
-            )
-            try:
-                await self._llm.add_lora(request)
-            except Exception as exc:
-                raise RuntimeError(f"LoRA adapter {name!r} ({path}) did not load: {exc}") from exc
-            self._adapters[name] = request
-            log.info("LoRA adapter %r loaded from %s", name, path)
+        self._lora_ids += 1
+        request = LoRARequest(name, self._lora_ids, path, base_model_name=self.settings.model_name)
+        try:
+            await self._llm.add_lora(request)
+        except Exception as exc:
+            raise EngineRejected(f"LoRA adapter {name!r} ({path}) did not load: {exc}", "lora_path") from exc
+        self._adapters[name] = request
+        log.info("LoRA adapter %r loaded from %s", name, path)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self._llm is None or self._llm.errored:
+            raise EngineDead("engine is not running")
+        await self._add_lora(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        # Only forgotten here, as vLLM's own server does: the engine evicts it from its LoRA slots when it
+        # needs them, and requests running with it finish.
+        self._adapters.pop(name, None)
+        log.info("LoRA adapter %r unloaded", name)
 
     @property
     def is_dead(self) -> bool:
@@ -339,7 +358,9 @@ class VLLMEngine:
         try:
             params = _sampling_params(options)
             prompt = tokens_input(prompt_token_ids, cache_salt=options.cache_salt)
-            lora = self._adapters[options.adapter] if options.adapter else None
+            lora = self._adapters.get(options.adapter) if options.adapter else None
+            if options.adapter and lora is None:
+                raise EngineRejected(f"the LoRA adapter {options.adapter!r} was unloaded", "model")
             async for out in llm.generate(
                 prompt, params, request_id, lora_request=lora, priority=options.priority
             ):

@@ -634,6 +634,21 @@ class ModelCard(BaseModel):
     parent: str | None = Field(default=None, description="For a LoRA adapter: the base model it adapts.")
 
 
+class LoadAdapterRequest(_Strict):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1, description="The name requests pass as `model`.")
+    lora_path: str = Field(
+        min_length=1, description="A peft adapter directory the server can read, or a repo id."
+    )
+
+
+class UnloadAdapterRequest(_Strict):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1)
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

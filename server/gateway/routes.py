@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server import __version__
 from server.gateway import anthropic, responses, serving
@@ -112,6 +112,30 @@ async def models(request: Request) -> JSONResponse:
 )
 async def model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(serving.model(services(request), model_id))
+
+
+# vLLM's runtime LoRA API, included only with --allow-runtime-lora-updating.
+lora_router = APIRouter()
+
+
+@lora_router.post(
+    "/v1/load_lora_adapter",
+    response_class=PlainTextResponse,
+    responses={400: _ERRORS[400], 401: _ERRORS[401]},
+    summary="Load a LoRA adapter; requests then select it with `model: lora_name`.",
+)
+async def load_lora_adapter(body: p.LoadAdapterRequest, request: Request) -> Response:
+    return await serving.load_adapter(services(request), body)
+
+
+@lora_router.post(
+    "/v1/unload_lora_adapter",
+    response_class=PlainTextResponse,
+    responses={401: _ERRORS[401], 404: {"model": p.ErrorResponse, "description": "No such adapter."}},
+    summary="Stop serving a LoRA adapter (requests running with it finish).",
+)
+async def unload_lora_adapter(body: p.UnloadAdapterRequest, request: Request) -> Response:
+    return await serving.unload_adapter(services(request), body)
 
 
 def health_of(request: Request) -> Health:

@@ -10,15 +10,18 @@ when the stream ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.gateway import anthropic, protocol, render, responses, tracing
 from server.gateway.admission import Admission, Slot
@@ -59,17 +62,36 @@ class Services:
     tenants: Tenants = field(default_factory=lambda: Tenants([]))
     tracer: Tracer | None = None
     limits: protocol.Limits = field(init=False)
+    adapters: dict[str, str] = field(
+        init=False
+    )  # LoRA adapter name -> path: --lora-modules, then loaded ones
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.adapters = dict(s.adapters)
         self.limits = protocol.Limits(
-            model_names=(self.model_name, *s.model_aliases, *s.hidden_model_aliases, s.model, *s.adapters),
+            model_names=self._model_names(),
             max_model_len=self.engine.max_model_len,
             vocab_size=len(self.template.tokenizer),
             max_sequences=min(s.max_sequences_per_request, s.max_inflight_sequences),
             max_buffered_tokens=s.max_buffered_tokens,
             force_include_usage=s.force_include_usage,
         )
+
+    def base_names(self) -> tuple[str, ...]:
+        s = self.settings
+        return (self.model_name, *s.model_aliases, *s.hidden_model_aliases, s.model)
+
+    def _model_names(self) -> tuple[str, ...]:
+        return (*self.base_names(), *self.adapters)
+
+    def set_adapter(self, name: str, path: str | None) -> None:
+        """Add (path) or remove (None) a LoRA adapter; requests already admitted keep theirs."""
+        if path is None:
+            self.adapters.pop(name)
+        else:
+            self.adapters[name] = path
+        self.limits = dataclasses.replace(self.limits, model_names=self._model_names())
 
 
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
@@ -222,7 +244,7 @@ async def completion(
 
 def models(svc: Services) -> dict:
     """The base model's listed names, then each LoRA adapter with the base model as its `parent`."""
-    names = (svc.model_name, *svc.settings.model_aliases, *svc.settings.adapters)
+    names = (svc.model_name, *svc.settings.model_aliases, *svc.adapters)
     return {"object": "list", "data": [_card(svc, name) for name in names]}
 
 
@@ -231,8 +253,34 @@ def model(svc: Services, model_id: str) -> dict:
     return _card(svc, model_id)
 
 
+async def load_adapter(svc: Services, req: protocol.LoadAdapterRequest) -> Response:
+    """vLLM's runtime LoRA API: load an adapter into the engine, then serve it under its name."""
+    name, path = req.lora_name, req.lora_path
+    if name in svc.base_names():
+        raise APIError(f"the adapter name {name!r} is a name of the base model", param="lora_name")
+    if name in svc.adapters:
+        raise APIError(f"the LoRA adapter {name!r} is already loaded; unload it first", param="lora_name")
+    where = Path(path).expanduser()
+    if (where.exists() or path.startswith(("/", ".", "~"))) and not (where / "adapter_config.json").is_file():
+        raise APIError(f"{path} is not a peft adapter directory (no adapter_config.json)", param="lora_path")
+    await svc.engine.load_adapter(name, os.path.expanduser(path))
+    svc.set_adapter(name, path)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_adapter(svc: Services, req: protocol.UnloadAdapterRequest) -> Response:
+    name = req.lora_name
+    if name not in svc.adapters:
+        raise APIError(
+            f"no LoRA adapter named {name!r} is loaded", 404, param="lora_name", code="model_not_found"
+        )
+    svc.set_adapter(name, None)
+    await svc.engine.unload_adapter(name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
 def _card(svc: Services, name: str) -> dict:
-    adapter = svc.settings.adapters.get(name)
+    adapter = svc.adapters.get(name)
     root, parent = (adapter, svc.model_name) if adapter is not None else (svc.settings.model, None)
     return render.model_card(name, svc.created, svc.engine.max_model_len, root, parent)
 
@@ -285,7 +333,7 @@ def _trace(
 
 def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Caller:
     tenant: Tenant = getattr(raw.state, "tenant", ANONYMOUS)
-    adapter = model if model in svc.settings.adapters else None
+    adapter = model if model in svc.adapters else None
     # An alias of the base model is the base model to a key's model list; an adapter is only itself.
     if not (tenant.may_use(model) if adapter else tenant.may_use(model, svc.model_name)):
         raise APIError(
