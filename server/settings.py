@@ -204,10 +204,8 @@ class Settings(BaseSettings):
             if name in seen:
                 raise ValueError(f"adapter name {name!r} is given twice")
             seen.add(name)
-            where = Path(path).expanduser()
-            local = where.exists() or path.startswith(("/", ".", "~"))
-            if local and not (where / "adapter_config.json").is_file():
-                raise ValueError(f"{name}: {path} is not a peft adapter directory (no adapter_config.json)")
+            if problem := adapter_dir_problem(path):
+                raise ValueError(f"{name}: {problem}")
         return v
 
     @model_validator(mode="after")
@@ -234,6 +232,15 @@ class Settings(BaseSettings):
     def adapters(self) -> dict[str, str]:
         """LoRA adapter name -> path, in the order given."""
         return dict(item.partition("=")[::2] for item in self.lora_modules)
+
+
+def adapter_dir_problem(path: str) -> str | None:
+    """Why `path` cannot be a LoRA adapter, or None. A path that is not local is left to vLLM as a repo id."""
+    where = Path(path).expanduser()
+    local = where.exists() or path.startswith(("/", ".", "~"))
+    if local and not (where / "adapter_config.json").is_file():
+        return f"{path} is not a peft adapter directory (no adapter_config.json)"
+    return None
 
 
 # flag name -> Settings field; flags default to None so that unset flags fall back to env/defaults.

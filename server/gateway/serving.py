@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
@@ -37,7 +36,7 @@ from server.gateway.errors import APIError, ClientGone, DeadlineExceeded
 from server.gateway.metrics import GatewayMetrics, RequestTimer
 from server.gateway.template import ChatTemplate
 from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
-from server.settings import Settings
+from server.settings import Settings, adapter_dir_problem
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -62,9 +61,9 @@ class Services:
     tenants: Tenants = field(default_factory=lambda: Tenants([]))
     tracer: Tracer | None = None
     limits: protocol.Limits = field(init=False)
-    adapters: dict[str, str] = field(
-        init=False
-    )  # LoRA adapter name -> path: --lora-modules, then loaded ones
+    # LoRA adapter name -> path: --lora-modules, then those loaded at run time (one load or unload at a time)
+    adapters: dict[str, str] = field(init=False)
+    adapters_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -258,24 +257,25 @@ async def load_adapter(svc: Services, req: protocol.LoadAdapterRequest) -> Respo
     name, path = req.lora_name, req.lora_path
     if name in svc.base_names():
         raise APIError(f"the adapter name {name!r} is a name of the base model", param="lora_name")
-    if name in svc.adapters:
-        raise APIError(f"the LoRA adapter {name!r} is already loaded; unload it first", param="lora_name")
-    where = Path(path).expanduser()
-    if (where.exists() or path.startswith(("/", ".", "~"))) and not (where / "adapter_config.json").is_file():
-        raise APIError(f"{path} is not a peft adapter directory (no adapter_config.json)", param="lora_path")
-    await svc.engine.load_adapter(name, os.path.expanduser(path))
-    svc.set_adapter(name, path)
+    if problem := adapter_dir_problem(path):
+        raise APIError(problem, param="lora_path")
+    async with svc.adapters_lock:
+        if name in svc.adapters:
+            raise APIError(f"the LoRA adapter {name!r} is already loaded; unload it first", param="lora_name")
+        await svc.engine.load_adapter(name, os.path.expanduser(path))
+        svc.set_adapter(name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
 async def unload_adapter(svc: Services, req: protocol.UnloadAdapterRequest) -> Response:
     name = req.lora_name
-    if name not in svc.adapters:
-        raise APIError(
-            f"no LoRA adapter named {name!r} is loaded", 404, param="lora_name", code="model_not_found"
-        )
-    svc.set_adapter(name, None)
-    await svc.engine.unload_adapter(name)
+    async with svc.adapters_lock:
+        if name not in svc.adapters:
+            raise APIError(
+                f"no LoRA adapter named {name!r} is loaded", 404, param="lora_name", code="model_not_found"
+            )
+        svc.set_adapter(name, None)
+        await svc.engine.unload_adapter(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
