@@ -8,6 +8,7 @@ is reachable without a flag of ours for each.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -190,7 +191,12 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
         if isinstance(v, list):  # repeated or space-separated flag values may each hold a comma list
-            return [part.strip() for item in v for part in str(item).split(",") if part.strip()]
+            return [
+                part.strip()
+                for item in v
+                for part in ([str(item)] if str(item).lstrip().startswith("{") else str(item).split(","))
+                if part.strip()
+            ]
         return v
 
     @field_validator("lora_modules")
@@ -198,9 +204,7 @@ class Settings(BaseSettings):
     def _check_lora_modules(cls, v: list[str]) -> list[str]:
         seen: set[str] = set()
         for item in v:
-            name, sep, path = item.partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ValueError(f"{item!r} is not name=path")
+            name, path = lora_module(item)
             if name in seen:
                 raise ValueError(f"adapter name {name!r} is given twice")
             seen.add(name)
@@ -231,7 +235,27 @@ class Settings(BaseSettings):
     @property
     def adapters(self) -> dict[str, str]:
         """LoRA adapter name -> path, in the order given."""
-        return dict(item.partition("=")[::2] for item in self.lora_modules)
+        return dict(lora_module(item) for item in self.lora_modules)
+
+
+def lora_module(item: str) -> tuple[str, str]:
+    """One --lora-modules value -> (name, path): `name=path`, or vLLM's JSON form {"name": ..., "path": ...}.
+    The JSON form's `base_model_name` is accepted and not used: every adapter adapts the one base model, which
+    /v1/models gives as its parent."""
+    if item.lstrip().startswith("{"):
+        try:
+            spec = json.loads(item)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{item!r} is not JSON: {exc}") from None
+        unknown = set(spec) - {"name", "path", "base_model_name"}
+        if unknown or not isinstance(spec.get("name"), str) or not isinstance(spec.get("path"), str):
+            raise ValueError(f'{item!r}: the JSON form is {{"name": ..., "path": ...}}')
+        name, path = spec["name"], spec["path"]
+    else:
+        name, _, path = item.partition("=")
+    if not name.strip() or not path.strip():
+        raise ValueError(f"{item!r} is not name=path")
+    return name, path
 
 
 def adapter_dir_problem(path: str) -> str | None:

@@ -12,6 +12,7 @@ test_model_lora.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -248,6 +249,9 @@ def _auth(key: str) -> dict:
     ("modules", "needle"),
     [
         (["sql"], "is not name=path"),
+        (['{"name": "a"}'], "the JSON form is"),
+        (['{"name": "a", "path": "{adapter}", "rank": 8}'], "the JSON form is"),
+        (["{oops"], "is not JSON"),
         (["=/tmp"], "is not name=path"),
         (["tiny={adapter}"], "already a name of the base model"),
         (["a={adapter}", "a={adapter}"], "given twice"),
@@ -257,7 +261,7 @@ def _auth(key: str) -> dict:
 def test_http_bad_lora_modules_are_refused(tiny_lite_dir, adapters, modules, needle):
     from pydantic import ValidationError
 
-    given = [m.format(adapter=adapters["sql"]) for m in modules]
+    given = [m.replace("{adapter}", str(adapters["sql"])) for m in modules]
     with pytest.raises(ValidationError, match=needle):
         Settings(model=str(tiny_lite_dir), served_model_name=["tiny"], lora_modules=given)
 
@@ -280,6 +284,8 @@ def test_lora_modules_flag_env_and_engine_args(tiny_lite_dir, adapters, monkeypa
     s = parse("--lora-modules", a, b, "--max-num-seqs", "4")
     assert list(s.adapters) == ["a", "b"] and s.engine_args == ["--max-num-seqs", "4"]
     assert list(parse("--lora-modules", f"{a},{b}").adapters) == ["a", "b"]
+    as_json = json.dumps({"name": "j", "path": str(adapters["sql"]), "base_model_name": "tiny"})
+    assert parse("--lora-modules", as_json, b).adapters == {"j": str(adapters["sql"]), "b": str(wide)}
     monkeypatch.setenv("DSV2_LORA_MODULES", f"{a},{b}")
     assert list(parse().adapters) == ["a", "b"]
     args = build_engine_args(s)
