@@ -60,27 +60,26 @@ def server(tiny_lite_dir, adapters, tmp_path_factory):
 
 
 def completions(server: Server, model: str, prompts: list[list[int]]) -> list[tuple[str, list[float]]]:
-    """Greedy text and chosen-token logprobs of each token-id prompt, from /v1/completions as `model`."""
-    out = []
-    for ids in prompts:
-        r = httpx.post(
-            f"{server.url}/v1/completions",
-            json={
-                "model": model,
-                "prompt": ids,
-                "max_tokens": N_TOKENS,
-                "temperature": 0,
-                "logprobs": 0,
-                "ignore_eos": True,
-            },
-            timeout=120,
-        )
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["model"] == model
-        choice = body["choices"][0]
-        out.append((choice["text"], choice["logprobs"]["token_logprobs"]))
-    return out
+    """Greedy text and chosen-token logprobs of each token-id prompt, from one /v1/completions request as
+    `model` (the prompts run as one batch, each its own choice)."""
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={
+            "model": model,
+            "prompt": prompts,
+            "max_tokens": N_TOKENS,
+            "temperature": 0,
+            "logprobs": 0,
+            "ignore_eos": True,
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == model
+    choices = sorted(body["choices"], key=lambda c: c["index"])
+    assert len(choices) == len(prompts)
+    return [(c["text"], c["logprobs"]["token_logprobs"]) for c in choices]
 
 
 def assert_same_as(got, want, tokenizer, max_logprob_diff: float = 1e-3) -> None:
