@@ -214,9 +214,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _adapters_apart_from_model_names(self) -> Settings:
-        taken = {self.model_name, *self.model_aliases, *self.hidden_model_aliases, self.model}
         for name in self.adapters:
-            if name in taken:
+            if name in self.base_model_names:
                 raise ValueError(
                     f"--lora-modules: the adapter name {name!r} is already a name of the base model"
                 )
@@ -231,6 +230,11 @@ class Settings(BaseSettings):
     def model_aliases(self) -> list[str]:
         """Names listed on /v1/models after the canonical one."""
         return self.served_model_name[1:]
+
+    @property
+    def base_model_names(self) -> tuple[str, ...]:
+        """Every name a request may use for the base model: canonical, aliases, hidden aliases, its path."""
+        return (self.model_name, *self.model_aliases, *self.hidden_model_aliases, self.model)
 
     @property
     def adapters(self) -> dict[str, str]:

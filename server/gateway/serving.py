@@ -77,12 +77,8 @@ class Services:
             force_include_usage=s.force_include_usage,
         )
 
-    def base_names(self) -> tuple[str, ...]:
-        s = self.settings
-        return (self.model_name, *s.model_aliases, *s.hidden_model_aliases, s.model)
-
     def _model_names(self) -> tuple[str, ...]:
-        return (*self.base_names(), *self.adapters)
+        return (*self.settings.base_model_names, *self.adapters)
 
     def set_adapter(self, name: str, path: str | None) -> None:
         """Add (path) or remove (None) a LoRA adapter; requests already admitted keep theirs."""
@@ -255,7 +251,7 @@ def model(svc: Services, model_id: str) -> dict:
 async def load_adapter(svc: Services, req: protocol.LoadAdapterRequest) -> Response:
     """vLLM's runtime LoRA API: load an adapter into the engine, then serve it under its name."""
     name, path = req.lora_name, req.lora_path
-    if name in svc.base_names():
+    if name in svc.settings.base_model_names:
         raise APIError(f"the adapter name {name!r} is a name of the base model", param="lora_name")
     if problem := adapter_dir_problem(path):
         raise APIError(problem, param="lora_path")
