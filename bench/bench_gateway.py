@@ -16,15 +16,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ports.py, from a checkout
+from tests import ports  # noqa: E402
 
 PROMPTS = [
     "Tell me a story about a lighthouse keeper.",
@@ -65,30 +68,25 @@ def pct(xs: list[float], q: float) -> float:
 # --- HTTP targets ----------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(cmd: list[str], log: Path) -> subprocess.Popen:
+def serve(
+    cmd: Callable[[int], list[str]], log: Path, ready_path: str, timeout: float = 900
+) -> tuple[subprocess.Popen, str]:
+    """Start `cmd(port)` on a port of its own (tests/ports.py: outside the ephemeral range, retried if another
+    listener takes it) and wait until `ready_path` answers 200; the process and its base URL."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
+    def spawn(port: int) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            return subprocess.Popen(cmd(port), stdout=out, stderr=subprocess.STDOUT, env=env)
 
-def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}")
+    def ready(port: int) -> bool:
         try:
-            if httpx.get(url + path, timeout=30).status_code == 200:
-                return
+            return httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=30).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
+            return False
+
+    proc, port = ports.launch(spawn, log, ready, timeout)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 async def one_http_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Result:
@@ -272,42 +270,25 @@ def main() -> int:
         from server.tiny_model import write_tiny_model
 
         a.model = str(write_tiny_model(tmp / "tiny"))
-    ours_port, vllm_port = free_port(), free_port()
-    ours = launch(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--model",
-            a.model,
-            "--port",
-            str(ours_port),
-            "--log-level",
-            "warning",
-            *flags,
-        ],
-        tmp / "gateway.log",
-    )
-    theirs = launch(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            a.model,
-            "--port",
-            str(vllm_port),
-            "--uvicorn-log-level",
-            "warning",
-            *flags,
-        ],
-        tmp / "vllm.log",
-    )
-    targets = {"gateway": f"http://127.0.0.1:{ours_port}", "vllm-server": f"http://127.0.0.1:{vllm_port}"}
+    ours = theirs = None
     try:
-        wait_ready(targets["gateway"], ours, "/ready")
-        wait_ready(targets["vllm-server"], theirs, "/health")
+        ours, ours_url = serve(
+            lambda port: [
+                sys.executable, "-m", "server", "serve", "--model", a.model, "--port", str(port),
+                "--log-level", "warning", *flags,
+            ],
+            tmp / "gateway.log",
+            "/ready",
+        )  # fmt: skip
+        theirs, vllm_url = serve(
+            lambda port: [
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", a.model,
+                "--port", str(port), "--uvicorn-log-level", "warning", *flags,
+            ],
+            tmp / "vllm.log",
+            "/health",
+        )  # fmt: skip
+        targets = {"gateway": ours_url, "vllm-server": vllm_url}
         engine = None if a.no_engine_alone else EngineAlone(a.model, flags)
         names = [*targets, *([] if engine is None else ["engine-alone"])]
         results = {(c, name): Result() for c in a.concurrency for name in names}
@@ -334,10 +315,11 @@ def main() -> int:
         if engine is not None:
             engine.llm.shutdown()
     finally:
-        for proc in (ours, theirs):
+        started = [proc for proc in (ours, theirs) if proc is not None]
+        for proc in started:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in (ours, theirs):
+        for proc in started:
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:

@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import free_port, launch, wait_ready  # noqa: E402
+from bench_gateway import serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # (label, our sweep.json path, vLLM's result key)
@@ -275,21 +275,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-loadtest-"))
     try:
         if args.fake:
-            port = free_port()
-            args.target = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, __file__, "--fake", args.fake, "--serve-fake", str(port)]
-            server = launch(cmd, work / "fake.log")
-            wait_ready(args.target, server, "/health")
+            fake = [sys.executable, __file__, "--fake", args.fake, "--serve-fake"]
+            server, args.target = serve(lambda port: [*fake, str(port)], work / "fake.log", "/health")
         elif not args.target:
             if not (Path(args.model) / "config.json").exists():
                 subprocess.run(
                     [sys.executable, "-m", "server", "tiny-model", args.model], cwd=REPO, check=True
                 )
-            port = free_port()
-            args.target = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "server", "serve", "--model", args.model, "--port", str(port)]
-            server = launch([*cmd, "--max-model-len", "2048", *args.server_args], work / "server.log")
-            wait_ready(args.target, server, "/ready")
+            cmd = [sys.executable, "-m", "server", "serve", "--model", args.model, "--max-model-len", "2048"]
+            server, args.target = serve(
+                lambda port: [*cmd, "--port", str(port), *args.server_args], work / "server.log", "/ready"
+            )
         model = httpx.get(f"{args.target}/v1/models", timeout=30).json()["data"][0]["id"]
         print(
             f"{args.target} ({model}): {args.rate:g} req/s {args.arrival} per tool, {args.run_time:g} s, "

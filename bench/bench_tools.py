@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_gateway import MODEL_NAME, free_port, launch, pct, wait_ready
+from bench_gateway import MODEL_NAME, pct, serve
 
 PARAMS = {
     "type": "object",
@@ -96,8 +96,7 @@ def main() -> int:
         from server.tiny_model import write_tiny_model
 
         a.model = str(write_tiny_model(tmp / "tiny"))
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--model", a.model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "server", "serve", "--model", a.model]
     cmd += [
         "--served-model-name",
         MODEL_NAME,
@@ -107,10 +106,8 @@ def main() -> int:
         "warning",
         *a.engine_args,
     ]
-    proc = launch(cmd, tmp / "server.log")
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve(lambda port: [*cmd, "--port", str(port)], tmp / "server.log", "/ready")
     try:
-        wait_ready(url, proc, "/ready")
         targets = ["guided", "unguided", "no-tools"]
         for c in a.concurrency:
             lengths = [0] * a.requests

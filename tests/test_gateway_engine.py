@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from tests import openai_schema
+from tests import openai_schema, ports
 
 pytestmark = pytest.mark.engine
 
@@ -57,42 +56,38 @@ class Server:
         return self.proc.returncode
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, log: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--served-model-name", MODEL]
+def start_server(
+    model_dir: Path, log: Path, *flags: str, env: dict[str, str] | None = None, max_model_len: int = 512
+) -> Server:
+    """`python -m server serve` on `model_dir` with `flags`, ready (`/ready` 200) on a port of its own."""
     # --gpu-memory-utilization: on CPU, the share of host memory vLLM requires free at startup (CI shares it).
-    cmd += [
-        "--port",
-        str(port),
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.3",
-        *flags,
-    ]
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    server = Server(proc, port, log)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=30).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.stop()
-    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.logs()}")
+
+    def spawn(port: int) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            MODEL,
+        ]
+        cmd += ["--port", str(port), "--max-model-len", str(max_model_len)]
+        cmd += ["--enforce-eager", "--gpu-memory-utilization", "0.3"]
+        with open(log, "wb") as out:
+            return subprocess.Popen([*cmd, *flags], stdout=out, stderr=subprocess.STDOUT, env=full_env)
+
+    proc, port = ports.launch(spawn, log, ready=_ready, timeout=STARTUP_TIMEOUT_S)
+    return Server(proc, port, log)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def named_events(server: Server, path: str, body: dict) -> list[dict]:
@@ -144,6 +139,7 @@ def tokenizer(tiny_lite_dir: Path):
 
 
 def metric(server: Server, name: str) -> float:
+    """The sum of a metric's series. Tests compare counts with ==: integers, which a float holds exactly."""
     total = 0.0
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -283,8 +279,9 @@ def test_sdk_logprobs(oai):
     for tok in content:
         assert len(tok.top_logprobs) == 3
         assert tok.logprob <= 0
-        # greedy: the chosen token is the most likely one
-        assert tok.logprob == pytest.approx(tok.top_logprobs[0].logprob, abs=1e-4)
+        # greedy: the chosen token is the most likely one. Exact: vLLM gathers the chosen token's logprob and the
+        # top-k from the same logprob tensor of the same step, so the two are one float.
+        assert tok.logprob == tok.top_logprobs[0].logprob
     chunks = stream_chunks(oai, messages=HELLO, max_tokens=6, logprobs=True, top_logprobs=2, temperature=0)
     streamed = [
         t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content
@@ -634,6 +631,7 @@ def test_metric_values_move(server, oai):
 
 
 def metric_exact(server: Server, series: str) -> float:
+    """One series' value (0 when absent); compared with == only for counts, which are exact."""
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
         key, _, value = line.rpartition(" ")
         if key == series:

@@ -513,6 +513,8 @@ def test_cors(tiny_lite_dir):
 
 
 def metric(c: TestClient, name: str, **labels: str) -> float:
+    """A sample of /metrics. The tests compare counts (requests, tokens, observations) with ==: integers, which
+    a float holds exactly."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in c.get("/metrics").text.splitlines():
         key, _, value = line.rpartition(" ")

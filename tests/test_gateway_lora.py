@@ -190,7 +190,16 @@ def test_runtime_load_and_unload(server, adapters, tiny_lite_dir, tokenizer, tmp
     r = post("/v1/load_lora_adapter", lora_name="sql2", lora_path=str(adapters["sql"]))
     assert r.status_code == 200 and "sql2" in r.text, r.text
     assert [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]][-1] == "sql2"
-    assert completions(server, "sql2", prompts) == completions(server, "sql", prompts)
+    # The same tokens, and logprobs equal up to float rounding. Two identical requests are not bit-identical:
+    # each prompt reaches the engine as a request of its own, and the prompts may share a step or not, and a
+    # prompt's KV may come from the prefix cache (filled in another batch) or be computed afresh; fp32 sums
+    # in another order differ in the last digits. Measured over repeated requests, for both names, with and
+    # without prefix caching: texts always equal, logprobs at most 5.3e-6 apart. 1e-4 is the suite's
+    # vLLM-vs-vLLM fp32 bound (test_model_compiled.py).
+    fresh, started = completions(server, "sql2", prompts), completions(server, "sql", prompts)
+    assert [text for text, _ in fresh] == [text for text, _ in started]
+    for (_, got), (_, want) in zip(fresh, started, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
 
     wide = write_tiny_lora(tmp_path_factory.mktemp("lora-r32"), tiny_lite_dir, rank=32)
     r = post("/v1/load_lora_adapter", lora_name="wide", lora_path=str(wide))

@@ -150,6 +150,7 @@ def timer() -> RequestTimer:
 def test_chat_fast_path_is_byte_identical(case):
     n, include_usage, steps = case
     fast = run(render.chat_events(aiter_steps(steps), ENV, n, include_usage, timer()))
+    # Exact, logprobs included: both sides serialise the same Python floats with json's repr.
     assert b"".join(fast) == b"".join(chat_reference(n, include_usage, steps))
 
 
@@ -160,6 +161,7 @@ def test_completion_fast_path_is_byte_identical(case):
     fast = run(
         render.completion_events(aiter_steps(steps, indexed=True), ENV, n, None, include_usage, timer())
     )
+    # Exact, logprobs included: both sides serialise the same Python floats with json's repr.
     assert b"".join(fast) == b"".join(completion_reference(n, include_usage, steps))
 
 

@@ -22,6 +22,7 @@ def test_flags_env_and_defaults(monkeypatch, tiny_lite_dir):
     assert s.api_keys == ["a", "b"] and s.max_inflight_sequences == 7
     assert s.cors_origins == ["https://x", "https://y"]
     assert s.model_name == tiny_lite_dir.name
+    # drain_timeout is a float whose default is the literal 30: exact.
     assert s.drain_timeout == 30 and s.log_format == "text" and s.timeout_keep_alive == 75
     assert s.playground and not parse(["--model", str(tiny_lite_dir), "--no-playground"]).playground
     # the earlier flag name still sets the budget

@@ -181,6 +181,7 @@ def test_unknown_checkpoint_tensor_is_an_error_naming_it() -> None:
         ValueError, match=r"'model\.layers\.0\.mlp\.mystery_proj\.weight' maps to no parameter"
     ):
         load_weights(model, ckpt, awq_group_size=None, is_pp_missing=lambda name: False)
+    # Exact: load_weights copies the checkpoint's fp32 ones into the parameter as they are.
     assert torch.equal(model.norm.weight, torch.ones(4))
 
 

@@ -28,7 +28,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_gateway_engine import MODEL, Server, free_port, module_server
+from tests import ports
+from tests.test_gateway_engine import MODEL, Server, module_server
 
 pytestmark = pytest.mark.engine
 
@@ -251,7 +252,9 @@ def _expected(alert: str) -> dict:
 
 
 # What the alerts' $value renders to for _SERIES: 1200 of 15000 requests are 500s, 1800 are 429s, TTFT p95
-# interpolates inside the 2.5-5 s bucket, the KV cache sits at 95%.
+# interpolates inside the 2.5-5 s bucket, the KV cache sits at 95%. promtool compares these rendered
+# strings; humanizePercentage and humanizeDuration print 4 significant digits (%.4g), which is the
+# tolerance: float error in the rates and the quantile (e.g. 8.000000000000002%) rounds away.
 _VALUES = {
     "DSV2High5xxRate": "8%",
     "DSV2High429Rate": "12%",
@@ -340,19 +343,28 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
         ],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
     log = work / "prometheus.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={work / 'prometheus.yml'}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+
+    def spawn(port: int) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={work / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={work / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def ready(port: int) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    proc, port = ports.launch(spawn, log, ready, timeout=60)
     prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
     try:
         _wait(

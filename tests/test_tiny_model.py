@@ -31,6 +31,7 @@ def test_config_keeps_the_v2_lite_structure(tiny_lite_dir: Path) -> None:
     assert cfg["architectures"] == ["DeepseekV2ForCausalLM"]
     assert cfg["q_lora_rank"] is None
     assert cfg["kv_lora_rank"] == 512 and cfg["qk_rope_head_dim"] == 64
+    # Exact: Python floats (0.707) survive the JSON round trip bit for bit: json writes their repr.
     assert cfg["rope_scaling"] == YARN
     assert cfg["rope_scaling"]["factor"] == 40 and cfg["rope_scaling"]["mscale_all_dim"] == 0.707
     assert cfg["first_k_dense_replace"] == 1
@@ -94,6 +95,7 @@ def test_awq_pack_round_trips_within_half_a_step() -> None:
     assert packed["qzeros"].shape == (3, 8) and packed["scales"].shape == (3, 64)
     deq = awq_dequantize(**packed, group_size=AWQ_GROUP_SIZE)
     step = packed["scales"].float().repeat_interleave(64, 0).t()
+    # Half a quantisation step, plus 1e-6 for the fp32 rounding of the dequantisation (|w| < 1: ulp ~1e-7).
     assert torch.all((deq - w).abs() <= step * 0.5 + 1e-6)
 
 
