@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from server.gateway.app import create_app
 from server.settings import Settings
 from tests import openai_schema
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import WORDS, FakeEngine
 
 MODEL = "tiny"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -264,6 +264,33 @@ def test_same_client_request_id_twice_in_flight(tiny_lite_dir):
             t.join()
         assert statuses == [200, 200]
         assert len(set(engine.generated)) == 2 and "chatcmpl-dup" in engine.generated
+
+
+def test_engine_ids_never_collide_across_requests(tiny_lite_dir):
+    """A multi-prompt completion's engine ids are `<id>-<i>`: a client id that makes one of them equal another
+    in-flight request's id gets a suffix, so aborting one request (here at its deadline) never aborts the
+    other (vLLM aborts every request sharing an external id; FakeEngine does the same)."""
+    engine = FakeEngine(delay=0.05)
+    with make_client(tiny_lite_dir, engine=engine) as c:
+        results = {}
+
+        def victim():
+            body = {"model": MODEL, "prompt": "x", "stream": True}
+            results["victim"] = c.post("/v1/completions", json=body, headers={"X-Request-Id": "req-1"})
+
+        thread = threading.Thread(target=victim)
+        thread.start()
+        while "cmpl-req-1" not in engine.running:
+            threading.Event().wait(0.01)
+        body = {"model": MODEL, "prompt": ["a", "b"]}
+        r = c.post("/v1/completions", json=body, headers={"X-Request-Id": "req", "X-Request-Timeout": "0.08"})
+        assert_openai_error(r, 504)
+        thread.join()
+        chunks = sse_events(results["victim"].text)
+        assert "".join(ch["choices"][0]["text"] for ch in chunks) == "".join(WORDS)
+        assert "cmpl-req-1" not in engine.aborted
+        assert len(engine.generated) == len(set(engine.generated)) == 3, engine.generated
+        assert all(rid.startswith("cmpl-req-") for rid in engine.generated)
 
 
 def test_unhandled_error_is_a_500_with_request_id_and_no_internals(tiny_lite_dir, monkeypatch):

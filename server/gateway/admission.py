@@ -70,6 +70,7 @@ class Admission:
         self.budget = max_inflight_sequences
         self.sequences = 0
         self.slots: dict[str, Slot] = {}
+        self.engine_ids: set[str] = set()  # the engine request ids of every slot in `slots`
         self.draining = False
         # monotonic time the first of the current in-flight requests came; None while idle
         self.busy_since: float | None = None
@@ -151,12 +152,14 @@ class Admission:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
-        if request_id in self.slots:  # a client reused its X-Request-Id while the first is still running
+        engine_ids = _engine_ids(request_id, engine_requests)
+        # vLLM aborts every request that shares an external id: no two in flight may share one, whatever the
+        # client sends (an X-Request-Id reused, or one that equals another request's "<id>-<i>").
+        while request_id in self.slots or not self.engine_ids.isdisjoint(engine_ids):
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
-        engine_ids = (
-            [request_id] if engine_requests == 1 else [f"{request_id}-{i}" for i in range(engine_requests)]
-        )
+            engine_ids = _engine_ids(request_id, engine_requests)
         slot = Slot(request_id, cost, engine_ids, tenant, timer)
+        self.engine_ids.update(engine_ids)
         tenant.sequences += cost
         if not self.slots:
             self.busy_since = time.monotonic()
@@ -173,11 +176,15 @@ class Admission:
         if not self.slots:
             self.busy_since = None
         self._publish()
-        if slot.pending:
-            # A task of its own: the abort must not be lost with the cancellation of the request that asked for it.
-            task = asyncio.get_running_loop().create_task(self._abort(slot, reason))
-            self._aborts.add(task)
-            task.add_done_callback(self._aborts.discard)
+        if not slot.pending:
+            self.engine_ids.difference_update(slot.engine_ids)
+            return
+        # A task of its own: the abort must not be lost with the cancellation of the request that asked for it.
+        # The ids stay taken until it is sent, so that it cannot abort a new request given one of them.
+        task = asyncio.get_running_loop().create_task(self._abort(slot, reason))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+        task.add_done_callback(lambda _: self.engine_ids.difference_update(slot.engine_ids))
 
     async def _abort(self, slot: Slot, reason: str) -> None:
         pending, slot.pending = list(slot.pending), set()
@@ -194,3 +201,7 @@ class Admission:
     def _publish(self) -> None:
         self.metrics.in_flight.set(len(self.slots))
         self.metrics.sequences_in_flight.set(self.sequences)
+
+
+def _engine_ids(request_id: str, engine_requests: int) -> list[str]:
+    return [request_id] if engine_requests == 1 else [f"{request_id}-{i}" for i in range(engine_requests)]
