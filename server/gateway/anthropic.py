@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import partial_json_parser
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -206,9 +207,11 @@ def _tool_use_id(call_id: str) -> str:
 
 
 def _input(arguments: str) -> dict:
+    """A call's input object. A call cut short by max_tokens has a prefix of its JSON: Anthropic's input must
+    still be an object, so the prefix is read with its open strings, arrays and objects closed."""
     try:
-        value = json.loads(arguments)
-    except ValueError:  # a call cut short by max_tokens: Anthropic's input must still be an object
+        value = partial_json_parser.loads(arguments) if arguments.strip() else {}
+    except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -138,10 +138,11 @@ class CallParser:
     """Incremental: model text in, content and tool-call events out, as a stream must send them.
 
     Text that might be the start of `<tool_call>` is held back until it is known; a call is announced once its
-    name is known; argument fragments are sent as they come, except the tail that might be the `}</tool_call>`
-    closing the call. Trailing blanks are held until more text follows them, so the blanks around calls (the
-    template's " " after "Assistant:", newlines between calls) never become content; the result does not depend
-    on how the text was cut into pieces.
+    name is known; its arguments are sent as they come, up to the end of their JSON value (tracked as it is
+    written, so nothing is held back and the closing `}</tool_call>` never becomes arguments: a call cut short
+    by max_tokens carries exactly the argument text written so far, a prefix of JSON). Trailing blanks are held
+    until more text follows them, so the blanks around calls (the template's " " after "Assistant:", newlines
+    between calls) never become content; the result does not depend on how the text was cut into pieces.
     """
 
     def __init__(self) -> None:
@@ -149,6 +150,7 @@ class CallParser:
         self.blank = ""
         self.in_call = False
         self.announced = False
+        self.arguments: _JSONValue | None = None  # the call's arguments while they are being written
         self.calls = 0
 
     def feed(self, text: str) -> list[Event]:
@@ -195,31 +197,85 @@ class CallParser:
                 self.calls += 1
                 self.buffer = self.buffer[head.end() :]
                 self.announced = True
-            end = self.buffer.find("}" + CLOSE)
-            if end < 0:
-                keep = _partial_suffix(self.buffer, "}" + CLOSE)
-                if len(self.buffer) > keep:
-                    events.append(
-                        Event("arguments", self.buffer[: len(self.buffer) - keep], index=self.calls - 1)
-                    )
-                    self.buffer = self.buffer[len(self.buffer) - keep :]
+                self.arguments = _JSONValue()
+            if self.arguments is not None:
+                end = self.arguments.end(self.buffer)
+                written = self.buffer if end is None else self.buffer[:end]
+                if written:
+                    events.append(Event("arguments", written, index=self.calls - 1))
+                self.buffer = self.buffer[len(written) :]
+                if end is None:
+                    return events
+                self.arguments = None
+            # the arguments are whole: what follows is the call's `}</tool_call>`
+            rest = self.buffer.lstrip()
+            if rest.startswith(_CALL_END):
+                self.buffer = rest[len(_CALL_END) :]
+                self.in_call = False
+            elif _CALL_END.startswith(rest):
                 return events
-            if end:
-                events.append(Event("arguments", self.buffer[:end], index=self.calls - 1))
-            self.buffer = self.buffer[end + 1 + len(CLOSE) :]
-            self.in_call = False
+            else:  # not the grammar's output: the call ends at its arguments, the rest is text
+                self.in_call = False
 
     def close(self) -> list[Event]:
-        """The end of the output: what was held back is sent as it is (a call cut short keeps its partial
-        arguments, as OpenAI's do when max_tokens ends a call)."""
+        """The end of the output: text held back is sent as it is; in a call cut short, the arguments already
+        sent are all it has (the partial name of a call not yet announced, or a partial `}</tool_call>`, is not
+        content)."""
         rest, self.buffer = self.buffer, ""
         events = self._content_held([Event("content", rest)] if rest and not self.in_call else [])
-        if self.blank and not self.calls:  # a plain answer keeps its blanks
+        if self.blank and not self.calls and not self.in_call:  # a plain answer keeps its blanks
             events.append(Event("content", self.blank))
         self.blank = ""
-        if rest and self.in_call and self.announced:
-            events.append(Event("arguments", rest, index=self.calls - 1))
         return events
+
+
+_CALL_END = "}" + CLOSE
+
+
+class _JSONValue:
+    """Where one JSON value ends, in text given piece by piece (each character is read once)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.scalar = False  # a number, true, false or null: it ends where a delimiter starts
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def end(self, text: str) -> int | None:
+        """The offset in `text` just past the value's end, or None if the value goes on past `text`."""
+        for i, ch in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+                    if self.depth == 0:
+                        return i + 1
+            elif not self.started:
+                if ch in " \t\n\r":
+                    continue
+                self.started = True
+                if ch == '"':
+                    self.in_string = True
+                elif ch in "{[":
+                    self.depth = 1
+                else:
+                    self.scalar = True
+            elif self.scalar:
+                if ch in ",}] \t\n\r":
+                    return i
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
 
 
 def _partial_suffix(text: str, tag: str) -> int:
