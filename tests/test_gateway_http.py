@@ -148,7 +148,6 @@ def test_completions(client):
             "tools[0].function.name",
         ),
         ({**CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
-        ({**CHAT, "tools": [TOOL], "response_format": {"type": "json_object"}}, 400, "response_format"),
         (
             {
                 **CHAT,

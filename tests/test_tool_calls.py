@@ -69,6 +69,56 @@ def test_parse_gives_the_same_calls():
     ]
 
 
+# --- the grammar: tools and a response format together -----------------------------------------------------------
+
+ANSWER = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+GET_WEATHER = {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+A_CALL = f' {tools.call_prefix("get_weather")}{{"city": "Paris"}}}}{tools.CLOSE}'
+
+
+@pytest.mark.parametrize(
+    ("choice", "accepted", "refused"),
+    [
+        # auto: a call, or a text answer in the format; never free text or JSON outside it
+        ("auto", ['{"ok": true}', A_CALL], ["hello", '{"nope": 1}', 'Sure: {"ok": true}']),
+        # a forced call is a call: the format governs text, and there is none
+        ("get_weather", [A_CALL], ['{"ok": true}', "hello"]),
+        ("required", [A_CALL, f"{A_CALL}\n{A_CALL[1:]}"], ['{"ok": true}']),
+    ],
+)
+def test_tools_with_a_response_format(choice, accepted, refused):
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    grammar = xgrammar.Grammar.from_structural_tag(tools.structural_tag([GET_WEATHER], choice, True, ANSWER))
+    for text in accepted:
+        assert _is_grammar_accept_string(grammar, text), text
+    for text in refused:
+        assert not _is_grammar_accept_string(grammar, text), text
+
+
+def test_chat_and_responses_take_tools_with_a_format(client, tiny_lite_dir):
+    """The request instructor's RESPONSES_TOOLS mode sends (function tools, a named tool_choice, a json_schema
+    text format), and chat's equivalent, reach the engine with the grammar above."""
+    engine = FakeEngine(words=PIECES)
+    fmt = {"type": "json_schema", "name": "answer", "schema": ANSWER}
+    with make_client(tiny_lite_dir, engine=engine) as c:
+        tool = {"type": "function", **GET_WEATHER}
+        body = {"model": MODEL, "input": "weather?", "tools": [tool], "text": {"format": fmt}}
+        r = c.post("/v1/responses", json={**body, "tool_choice": {"type": "function", "name": "get_weather"}})
+        assert r.status_code == 200, r.text
+        assert [item["type"] for item in r.json()["output"]] == ["function_call"]
+        assert engine.options[-1].structural_tag == tools.structural_tag([GET_WEATHER], "get_weather", True)
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS}
+        chat["response_format"] = {"type": "json_schema", "json_schema": fmt}
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+        tool_spec = {**GET_WEATHER, "description": None}
+        assert engine.options[-1].structural_tag == tools.structural_tag([tool_spec], "auto", True, ANSWER)
+
+
 # --- a call cut by max_tokens, on every API (FakeEngine: one piece of the call per step) ---------------------------
 
 PIECES = [

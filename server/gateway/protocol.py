@@ -248,15 +248,11 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
     messages = normalize_messages(req.messages)
     options = _options(req, n, limits.vocab_size)
     options.logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    options.structural_tag = _response_format(req)
+    answer = _response_format(req)
     if choice is not None:
-        if options.structural_tag is not None:
-            raise APIError(
-                "response_format cannot be combined with tool calls; use tool_choice 'none', or a tool for the "
-                "structured answer",
-                param="response_format",
-            )
-        options.structural_tag = structural_tag(tools, choice, req.parallel_tool_calls is not False)
+        options.structural_tag = structural_tag(tools, choice, req.parallel_tool_calls is not False, answer)
+    elif answer is not None:
+        options.structural_tag = json_tag(answer)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return Plan(
         sequences=n,
@@ -462,14 +458,15 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
     return out
 
 
-def _response_format(req: ChatCompletionRequest) -> str | None:
-    """response_format -> the structural tag that enforces it: JSON with at most one blank between tokens, so a
-    model cannot spend max_tokens padding an object (vLLM's own JSON mode allows any amount)."""
+def _response_format(req: ChatCompletionRequest) -> dict | None:
+    """response_format -> the JSON schema a text answer must be valid for (None: free text). It is enforced
+    with at most one blank between tokens, so a model cannot spend max_tokens padding an object (vLLM's own
+    JSON mode allows any amount)."""
     rf = req.response_format
     if rf is None or rf.type == "text":
         return None
     if rf.type == "json_object":
-        return json_tag({"type": "object"})
+        return {"type": "object"}
     if rf.json_schema is None or rf.json_schema.json_schema is None:
         raise APIError(
             "response_format.json_schema.schema is required for type json_schema",
@@ -477,7 +474,7 @@ def _response_format(req: ChatCompletionRequest) -> str | None:
         )
     schema = rf.json_schema.json_schema
     _check_schema(schema, "response_format.json_schema.schema")
-    return json_tag(schema)
+    return schema
 
 
 def _check_schema(schema: dict, param: str) -> None:

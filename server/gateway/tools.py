@@ -34,15 +34,20 @@ def render_call(name: str, arguments: str) -> str:
     return f"{call_prefix(name)}{arguments}}}{CLOSE}"
 
 
+def _json(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE}
+
+
 def json_tag(schema: dict) -> str:
     """JSON valid for `schema` and nothing else (response_format), padding bounded as in tool arguments."""
-    fmt = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE}
-    return json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
+    return _tag(_json(schema))
 
 
-def structural_tag(tools: list[dict], choice: str | None, parallel: bool) -> str:
+def structural_tag(tools: list[dict], choice: str | None, parallel: bool, answer: dict | None = None) -> str:
     """The structural tag for `tools` ({"name", "parameters"}) under tool_choice `choice`: "auto", "required",
-    or the name of one function."""
+    or the name of one function. `answer`, a response format's JSON schema, governs the text answer: under
+    "auto" the output is either calls or JSON valid for it; a forced call writes no text, so it changes nothing
+    there (as at OpenAI)."""
     named = choice not in ("auto", "required")
     chosen = [t for t in tools if t["name"] == choice] if named else tools
     tags = [
@@ -58,6 +63,8 @@ def structural_tag(tools: list[dict], choice: str | None, parallel: bool) -> str
         }
         for t in chosen
     ]
+    if choice == "auto" and answer is not None:
+        return _tag({"type": "or", "elements": [_calls_only(tags, not parallel), _json(answer)]})
     if choice == "auto":
         fmt: dict = {
             "type": "triggered_tags",
@@ -67,21 +74,21 @@ def structural_tag(tools: list[dict], choice: str | None, parallel: bool) -> str
             "stop_after_first": not parallel,
         }
     else:
-        # Only calls: after the assistant's "Assistant:" one blank (as the template writes the turn), then
-        # one call (named, or parallel calls off) or several.
-        fmt = {
-            "type": "sequence",
-            "elements": [
-                {"type": "const_string", "value": " "},
-                {
-                    "type": "tags_with_separator",
-                    "tags": tags,
-                    "separator": "\n",
-                    "at_least_one": True,
-                    "stop_after_first": named or not parallel,
-                },
-            ],
-        }
+        fmt = _calls_only(tags, named or not parallel)
+    return _tag(fmt)
+
+
+def _calls_only(tags: list[dict], one: bool) -> dict:
+    """Only calls: after the assistant's "Assistant:" one blank (as the template writes the turn), then one
+    call (`one`: a named choice, or parallel calls off) or several."""
+    calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
+    return {
+        "type": "sequence",
+        "elements": [{"type": "const_string", "value": " "}, {**calls, "stop_after_first": one}],
+    }
+
+
+def _tag(fmt: dict) -> str:
     return json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
 
 
