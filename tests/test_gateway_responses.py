@@ -191,6 +191,31 @@ def test_function_call_output_round_trip(client):
     assert second.usage.input_tokens > first.usage.input_tokens
 
 
+def test_tools_with_a_text_format_as_instructor_sends_them(client):
+    """instructor's RESPONSES_TOOLS mode: function tools, a named tool_choice and a json_schema text format. A
+    forced call is a call; under auto the answer is a call or text in the format (one grammar, in vLLM)."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}, "ok": {"type": "boolean"}},
+        "required": ["city", "ok"],
+        "additionalProperties": False,
+    }
+    text = {"format": {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}}
+    ask = {"model": MODEL, "input": ASK, "tools": [WEATHER], "text": text, "temperature": 0}
+    forced = client.responses.create(**ask, tool_choice=FORCED, max_output_tokens=100)
+    (call,) = forced.output
+    assert call.type == "function_call" and call.name == "get_weather", forced.output
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+    auto = client.responses.create(**ask, tool_choice="auto", max_output_tokens=100)
+    assert auto.status == "completed" and auto.output, auto
+    for item in auto.output:
+        if item.type == "message":
+            jsonschema.validate(json.loads(auto.output_text), schema)
+        else:
+            assert item.type == "function_call"
+            jsonschema.validate(json.loads(item.arguments), WEATHER_PARAMS)
+
+
 def test_text_format_json_schema(client):
     schema = {
         "type": "object",
