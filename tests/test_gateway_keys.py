@@ -17,7 +17,7 @@ from server.gateway.app import create_app
 from server.settings import Settings
 from tests import openai_schema
 from tests.fake_engine import FakeEngine
-from tests.test_gateway_http import MODEL, assert_openai_error, make_client, sse_events
+from tests.test_gateway_http import MODEL, assert_openai_error, make_client, metric, sse_events
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -38,7 +38,7 @@ def key_file(tmp_path):
         "  models: [deepseek-chat]\n"
         "batch:\n"
         f"  key_sha256: {hashed}\n"
-        "  tokens_per_minute: 10\n"
+        "  tokens_per_minute: 40\n"
         "  max_sequences: 2\n"
         "  priority: 5\n"
         "  min_priority: 1\n"
@@ -81,22 +81,66 @@ def test_named_keys_limits_headers_and_usage(tiny_lite_dir, key_file, caplog):
         # other keys are not affected
         assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-a")).status_code == 200
 
-        # batch (hashed key): 10 tokens per minute, charged when a request ends; then refused
-        first = c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-batch"))
-        assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 10
-        err = assert_openai_error(c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-batch")), 429)
-        assert "tokens per minute" in err["message"]
+        # batch (hashed key): 40 tokens per minute. A request reserves its worst case (prompt + max_tokens; left
+        # out, max_tokens is the rest of the context) and is charged what it used: the prompt and FakeEngine's
+        # 6 words. A worst case above a minute's allowance can never fit: a 400 that says which parameter.
+        err = assert_openai_error(c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-batch")), 400)
+        assert err["param"] == "max_tokens" and "40 tokens per minute" in err["message"], err
+        first = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20}, headers=bearer("sk-batch"))
+        assert first.status_code == 200, first.text
+        used = first.json()["usage"]["total_tokens"]
+        assert used == first.json()["usage"]["prompt_tokens"] + 6
+        remaining = int(first.headers["x-ratelimit-remaining-tokens"])
+        assert 40 - used <= remaining <= 40 - used + 1  # settled before the body was sent; refills 2/3 per s
+        again = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20}, headers=bearer("sk-batch"))
+        err = assert_openai_error(again, 429)
+        assert "tokens per minute" in err["message"] and int(again.headers["retry-after"]) >= 1
 
         metrics = c.get("/metrics").text
         assert 'dsv2_key_requests_total{key="team-a"} 3.0' in metrics
         assert 'dsv2_key_requests_total{key="key-1"} 1.0' in metrics
         assert 'dsv2_key_rate_limited_total{key="team-b"} 1.0' in metrics
+        assert 'dsv2_key_rate_limited_total{key="batch"} 2.0' in metrics
         usage = first.json()["usage"]
         assert f'dsv2_key_prompt_tokens_total{{key="batch"}} {float(usage["prompt_tokens"])}' in metrics
         assert (
             f'dsv2_key_generation_tokens_total{{key="batch"}} {float(usage["completion_tokens"])}' in metrics
         )
         assert "sk-" not in metrics
+
+
+@pytest.mark.parametrize("exit_by", ["deadline", "engine_failure", "completed"])
+def test_tokens_charged_on_every_exit(tiny_lite_dir, tmp_path, exit_by):
+    """A stream's worst case is reserved while it runs; however it ends, the key is charged its prompt and the
+    tokens generated up to then, and the rest of the reservation comes back."""
+    path = tmp_path / "keys.yaml"
+    path.write_text("meter:\n  key: sk-m\n  tokens_per_minute: 60\n")  # refills 1 token per second
+    engine = FakeEngine(delay=0.1, fail_after=3 if exit_by == "engine_failure" else None)
+    with make_client(tiny_lite_dir, engine=engine, api_key_file=str(path)) as c:
+        headers = bearer("sk-m") | ({"X-Request-Timeout": "0.35"} if exit_by == "deadline" else {})
+        body = {**CHAT, "stream": True, "max_tokens": 30}
+        seen = []
+
+        def remaining() -> int:
+            return int(c.get("/v1/models", headers=bearer("sk-m")).headers["x-ratelimit-remaining-tokens"])
+
+        thread = threading.Thread(
+            target=lambda: seen.append(c.post("/v1/chat/completions", json=body, headers=headers))
+        )
+        thread.start()
+        while not engine.running:
+            time.sleep(0.01)
+        in_flight = remaining()
+        thread.join()
+        events = sse_events(seen[0].text)
+        delivered = sum(1 for e in events if e.get("choices") and e["choices"][0]["delta"].get("content"))
+        assert ("error" in events[-1]) == (exit_by != "completed"), events[-1]
+        assert 0 < delivered <= 6
+        prompt = metric(c, "dsv2_key_prompt_tokens_total", key="meter")
+        assert prompt > 0 and metric(c, "dsv2_key_generation_tokens_total", key="meter") == delivered
+        assert in_flight <= 60 - prompt - 30 + 1  # the worst case, held while the stream ran
+        used = int(prompt) + delivered
+        assert 60 - used <= remaining() <= 60 - used + 2  # charged what it used, the rest given back
 
 
 def test_key_priority_default_and_cap(tiny_lite_dir, key_file):

@@ -30,7 +30,7 @@ log = logging.getLogger("dsv2.admission")
 class Slot:
     """One admitted request: its id, its cost, and its engine requests still running."""
 
-    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant", "timer")
+    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant", "timer", "generated")
 
     def __init__(
         self, request_id: str, cost: int, engine_ids: list[str], tenant: Tenant, timer: RequestTimer | None
@@ -43,6 +43,9 @@ class Slot:
         self.timer = timer
         # Why the engine side failed (the stream reports it); what is left is aborted with this reason.
         self.failed: str | None = None
+        self.generated = (
+            0  # tokens the engine has sent back so far, over all choices: what the key is charged
+        )
 
     async def track(self, steps: AsyncIterator, engine_id: str | None = None) -> AsyncIterator:
         """Pass `steps` through, marking engine requests finished: (index, step) pairs from generate_many, or
@@ -50,6 +53,7 @@ class Slot:
         try:
             async for item in steps:
                 step: EngineStep = item[1] if isinstance(item, tuple) else item
+                self.generated += sum(c.num_tokens for c in step.choices)
                 if self.timer is not None:
                     if step.cached_tokens:
                         self.timer.cached_tokens += step.cached_tokens

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from server.gateway.tenants import Tenant
     from server.gateway.tracing import RequestTrace
 
 # Routes with a label of their own; anything else counts as "other" (bounded label cardinality).
@@ -139,13 +138,19 @@ class GatewayMetrics:
         self.generation_tokens = Counter("dsv2_generation_tokens", "Tokens generated.", ["route"], registry=r)
         # Per API key, labelled by the key's name (never the key); "anonymous" on a server without keys.
         self.key_requests = Counter(
-            "dsv2_key_requests", "Generation requests that ended, by API key name.", ["key"], registry=r
+            "dsv2_key_requests",
+            "Generation requests that ended (completed, failed or abandoned), by API key name.",
+            ["key"],
+            registry=r,
         )
         self.key_prompt_tokens = Counter(
-            "dsv2_key_prompt_tokens", "Prompt tokens, by API key name.", ["key"], registry=r
+            "dsv2_key_prompt_tokens", "Prompt tokens charged, by API key name.", ["key"], registry=r
         )
         self.key_generation_tokens = Counter(
-            "dsv2_key_generation_tokens", "Generated tokens, by API key name.", ["key"], registry=r
+            "dsv2_key_generation_tokens",
+            "Generated tokens charged (up to where a request ended, however it ended), by API key name.",
+            ["key"],
+            registry=r,
         )
         self.key_rate_limited = Counter(
             "dsv2_key_rate_limited",
@@ -164,7 +169,6 @@ class RequestTimer:
     __slots__ = (
         "metrics",
         "route",
-        "tenant",
         "cached_tokens",
         "trace",
         "start",
@@ -174,10 +178,9 @@ class RequestTimer:
         "itl",
     )
 
-    def __init__(self, metrics: GatewayMetrics, route: str, tenant: Tenant | None = None) -> None:
+    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
         self.metrics = metrics
         self.route = route
-        self.tenant = tenant
         self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache
         self.trace: RequestTrace | None = None
         self.start = time.perf_counter()
@@ -209,12 +212,6 @@ class RequestTimer:
         if self.trace is not None:
             self.trace.set("gen_ai.usage.input_tokens", prompt_tokens)
             self.trace.set("gen_ai.usage.output_tokens", completion_tokens)
-        if self.tenant is not None:
-            name = self.tenant.name
-            m.key_requests.labels(name).inc()
-            m.key_prompt_tokens.labels(name).inc(prompt_tokens)
-            m.key_generation_tokens.labels(name).inc(completion_tokens)
-            self.tenant.charge(prompt_tokens + completion_tokens)
 
     def failed(self, reason: str) -> None:
         self.metrics.failures.labels(self.route, reason).inc()

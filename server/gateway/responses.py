@@ -292,7 +292,7 @@ _CHAT_PARAMS = [
     (re.compile(r"tools\[(\d+)\]\.function\."), r"tools[\1]."),
     (re.compile(r"tool_choice\.function\.name"), "tool_choice.name"),
     (re.compile(r"response_format(\.json_schema)?(\.schema)?"), "text.format"),
-    (re.compile(r"max_completion_tokens"), "max_output_tokens"),
+    (re.compile(r"max_completion_tokens|\bmax_tokens\b"), "max_output_tokens"),
     (re.compile(r"\bmessages\b"), "input"),
 ]
 

@@ -93,7 +93,7 @@ async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request,
     limits = svc.limits
     plan = protocol.chat_plan(req, limits)
     caller = _caller(svc, raw, req.model, req.priority)
-    timer = RequestTimer(svc.metrics, "/v1/chat/completions", caller.tenant)
+    timer = RequestTimer(svc.metrics, "/v1/chat/completions")
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
         _trace(svc, raw, caller, timer, owner, request_id)
@@ -118,7 +118,7 @@ async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, 
     limits = svc.limits
     plan = protocol.chat_plan(anthropic.to_chat(req), limits)
     caller = _caller(svc, raw, req.model, None)
-    timer = RequestTimer(svc.metrics, "/v1/messages", caller.tenant)
+    timer = RequestTimer(svc.metrics, "/v1/messages")
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
         _trace(svc, raw, caller, timer, owner, request_id)
@@ -143,7 +143,7 @@ async def create_response(
     try:
         plan = protocol.chat_plan(tr.chat, limits)
         caller = _caller(svc, raw, req.model, req.priority)
-        timer = RequestTimer(svc.metrics, "/v1/responses", caller.tenant)
+        timer = RequestTimer(svc.metrics, "/v1/responses")
         with_tools = plan.tool_choice is not None
         async with AsyncExitStack() as owner:
             _trace(svc, raw, caller, timer, owner, request_id)
@@ -183,6 +183,7 @@ async def _start_chat(
     with trace.phase("template"):
         prompt = await _encode_chat(svc, plan)
     (options,) = caller.apply(protocol.sampling_options(plan, [len(prompt)], svc.limits))
+    _reserve_tokens(svc, caller, owner, slot, len(prompt), [options])
     engine_id = slot.engine_ids[0]
     steps = slot.track(caller.within(svc.engine.generate(prompt, options, engine_id)), engine_id)
     return slot, prompt, steps
@@ -199,7 +200,7 @@ async def completion(
     limits = svc.limits
     plan = protocol.completion_plan(req, limits)
     caller = _caller(svc, raw, req.model, req.priority)
-    timer = RequestTimer(svc.metrics, "/v1/completions", caller.tenant)
+    timer = RequestTimer(svc.metrics, "/v1/completions")
     async with AsyncExitStack() as owner:
         trace = _trace(svc, raw, caller, timer, owner, request_id)
         with trace.phase("admission"):
@@ -219,6 +220,7 @@ async def completion(
                 for p in plan.prompts
             ]
         options = caller.apply(protocol.sampling_options(plan, [len(p) for p in prompts], limits))
+        _reserve_tokens(svc, caller, owner, slot, sum(len(p) for p in prompts), options)
         steps = slot.track(caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids)))
         echo = (
             [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
@@ -305,6 +307,34 @@ class Caller:
 
     def within(self, steps: AsyncIterator[T]) -> AsyncIterator[T]:
         return steps if self.timeout is None else _within(steps, self.start + self.timeout, self.timeout)
+
+
+def _reserve_tokens(
+    svc: Services,
+    caller: Caller,
+    owner: AsyncExitStack,
+    slot: Slot,
+    prompt_tokens: int,
+    options: list[SamplingOptions],
+) -> None:
+    """The key's account: its worst case (prompt + n x max_tokens) is reserved from its tokens per minute now,
+    and settled when the request ends, however it ends (completed, failed, past its deadline, aborted by a
+    drain, or left by its client): charged the prompt and what was generated, the rest given back."""
+    tenant = caller.tenant
+    worst = prompt_tokens + sum(o.n * o.max_tokens for o in options)
+    try:
+        reserved = tenant.reserve_tokens(worst, "max_tokens")
+    except APIError:
+        svc.metrics.key_rate_limited.labels(tenant.name).inc()
+        raise
+    owner.callback(_settle, svc.metrics, tenant, reserved, prompt_tokens, slot)
+
+
+def _settle(metrics: GatewayMetrics, tenant: Tenant, reserved: int, prompt_tokens: int, slot: Slot) -> None:
+    tenant.settle_tokens(reserved, prompt_tokens + slot.generated)
+    metrics.key_requests.labels(tenant.name).inc()
+    metrics.key_prompt_tokens.labels(tenant.name).inc(prompt_tokens)
+    metrics.key_generation_tokens.labels(tenant.name).inc(slot.generated)
 
 
 def _trace(

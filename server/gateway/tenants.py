@@ -7,7 +7,7 @@ mapping of names to keys, as a Kubernetes Secret mounts it:
     team-b:
       key_sha256: 9f86d081884c7d65...         # or the key's SHA-256 hex, so the file holds no key
       requests_per_minute: 60                 # token buckets: a burst of one minute's allowance, refilled evenly
-      tokens_per_minute: 20000                # prompt + generated tokens, charged when a request ends
+      tokens_per_minute: 20000                # prompt + generated tokens: the worst case reserved, the rest refunded
       max_sequences: 8                        # sequences (prompts x n) in flight at once
       models: [tiny-dsv2]                     # names (or aliases) this key may use; default: all
       priority: 10                            # default scheduling priority (vLLM: lower runs first)
@@ -41,8 +41,7 @@ def digest(key: str | bytes) -> bytes:
 
 class Bucket:
     """A token bucket of `per_minute`, full at start: at most a minute's allowance at once, refilled evenly.
-    Taking more than is left is allowed (a request's tokens are known only when it ends); the bucket then owes,
-    and refuses until it is positive again."""
+    `take` a negative amount to give back (never above the capacity)."""
 
     def __init__(self, per_minute: int) -> None:
         self.capacity = float(per_minute)
@@ -71,7 +70,7 @@ class Bucket:
 
     def take(self, amount: float) -> None:
         self._refill()
-        self.level -= amount
+        self.level = min(self.capacity, self.level - amount)
 
 
 @dataclass
@@ -98,25 +97,50 @@ class Tenant:
 
     def admit_request(self) -> None:
         """One more request, or a 429 saying which limit and when to retry."""
-        waits = []
-        if self.requests is not None and self.requests.wait(1) > 0:
-            waits.append(("requests per minute", self.requests.wait(1)))
-        if self.tokens is not None and self.tokens.wait(1) > 0:
-            waits.append(("tokens per minute", self.tokens.wait(1)))
-        if waits:
-            limit, seconds = max(waits, key=lambda w: w[1])
-            raise APIError(
-                f"rate limit of key {self.name!r} reached ({limit}); retry in {math.ceil(seconds)} s",
-                429,
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(max(1, math.ceil(seconds))), **self.headers()},
-            )
-        if self.requests is not None:
-            self.requests.take(1)
+        if self.requests is None:
+            return
+        seconds = self.requests.wait(1)
+        if seconds > 0:
+            raise self._limited(f"rate limit of key {self.name!r} reached (requests per minute)", seconds)
+        self.requests.take(1)
 
-    def charge(self, tokens: int) -> None:
+    def reserve_tokens(self, worst: int, param: str) -> int:
+        """Reserve a request's worst case (prompt + n x max tokens) of the tokens-per-minute budget, so that no
+        request can spend what the key does not have; `settle_tokens` gives back what it did not use. A 429 with
+        the wait when the budget has too little left now; a 400 naming `param` (the max tokens parameter) when
+        the worst case is more than a minute's allowance, which no wait can make fit. Returns what was reserved."""
+        if self.tokens is None:
+            return 0
+        limit = int(self.tokens.capacity)
+        if worst > limit:
+            raise APIError(
+                f"this request may use up to {worst} tokens (prompt + n x {param}), more than key {self.name!r} "
+                f"may use in a minute ({limit} tokens per minute); lower {param}",
+                param=param,
+                code="rate_limit_exceeded",
+            )
+        seconds = self.tokens.wait(worst)
+        if seconds > 0:
+            raise self._limited(
+                f"rate limit of key {self.name!r} reached (tokens per minute): {self.tokens.remaining()} of "
+                f"{limit} left, and this request may use up to {worst} (prompt + n x {param})",
+                seconds,
+            )
+        self.tokens.take(worst)
+        return worst
+
+    def settle_tokens(self, reserved: int, used: int) -> None:
+        """A request has ended, however it ended: it is charged `used`, and the rest of `reserved` returns."""
         if self.tokens is not None:
-            self.tokens.take(tokens)
+            self.tokens.take(used - reserved)
+
+    def _limited(self, message: str, seconds: float) -> APIError:
+        return APIError(
+            f"{message}; retry in {math.ceil(seconds)} s",
+            429,
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(seconds))), **self.headers()},
+        )
 
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the limits this key has."""
