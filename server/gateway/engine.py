@@ -352,63 +352,88 @@ class VLLMEngine:
         llm = self._llm
         if llm is None or llm.errored:
             raise EngineDead("engine is not running")
-        want_logprobs = options.logprobs is not None
+        lora = self._adapters.get(options.adapter) if options.adapter else None
+        if options.adapter and lora is None:
+            raise EngineRejected(f"the LoRA adapter {options.adapter!r} was unloaded", "model")
         progress = self.progress
         first = True
+        # Only vLLM's own calls are inside the try: its refusal of the request (the sampling parameters, or the
+        # request when it is added, before any output) is the client's 400; a failure of ours converting its
+        # output is not, and goes up as what it is.
         try:
             params = _sampling_params(options)
-            prompt = tokens_input(prompt_token_ids, cache_salt=options.cache_salt)
-            lora = self._adapters.get(options.adapter) if options.adapter else None
-            if options.adapter and lora is None:
-                raise EngineRejected(f"the LoRA adapter {options.adapter!r} was unloaded", "model")
-            async for out in llm.generate(
-                prompt, params, request_id, lora_request=lora, priority=options.priority
-            ):
-                now = time.monotonic()
-                progress.last_step = now
-                choices = []
-                for c in out.outputs:
-                    if c.finish_reason == "error":
-                        raise EngineFailed(f"request {request_id}: choice {c.index} finished with an error")
-                    if c.finish_reason == "abort":
-                        raise RequestAborted(request_id)
-                    choices.append(
-                        ChoiceDelta(
-                            index=c.index,
-                            text=c.text,
-                            num_tokens=len(c.token_ids),
-                            logprobs=_token_logprobs(c.token_ids, c.logprobs, options.logprobs)
-                            if want_logprobs
-                            else None,
-                            finish_reason=c.finish_reason,
-                            stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
-                        )
-                    )
-                prompt_logprobs = None
-                if first and options.prompt_logprobs is not None and out.prompt_logprobs is not None:
-                    prompt_logprobs = [None] + _token_logprobs(
-                        prompt_token_ids[1:], out.prompt_logprobs[1:], options.prompt_logprobs
-                    )
-                cached = out.num_cached_tokens or 0 if first else None
-                first = False
-                if out.finished:
-                    progress.last_success = now
-                yield EngineStep(
-                    len(prompt_token_ids),
-                    choices,
-                    out.finished,
-                    prompt_logprobs,
-                    _first_token_time(out),
-                    cached,
-                    _timings(out) if out.finished else None,
-                )
-        except EngineDeadError as exc:
-            raise EngineDead(str(exc)) from exc
+            outputs = llm.generate(
+                tokens_input(prompt_token_ids, cache_salt=options.cache_salt),
+                params,
+                request_id,
+                lora_request=lora,
+                priority=options.priority,
+            )
         except (ValueError, VLLMValidationError) as exc:
-            param = getattr(exc, "parameter", None)
-            if param is None and str(exc).startswith("n must be"):
-                param = "n"
-            raise EngineRejected(str(exc), param) from exc
+            raise _rejected(exc) from exc
+        while True:
+            try:
+                out = await anext(outputs)
+            except StopAsyncIteration:
+                return
+            except EngineDeadError as exc:
+                raise EngineDead(str(exc)) from exc
+            except (ValueError, VLLMValidationError) as exc:
+                if not first:
+                    raise EngineFailed(f"request {request_id}: {exc}") from exc
+                raise _rejected(exc) from exc
+            now = time.monotonic()
+            progress.last_step = now
+            step = engine_step(out, prompt_token_ids, options, first)
+            first = False
+            if step.finished:
+                progress.last_success = now
+            yield step
+
+
+def _rejected(exc: Exception) -> EngineRejected:
+    param = getattr(exc, "parameter", None)
+    if param is None and str(exc).startswith("n must be"):
+        param = "n"
+    return EngineRejected(str(exc), param)
+
+
+def engine_step(out: Any, prompt_token_ids: list[int], options: SamplingOptions, first: bool) -> EngineStep:
+    """One vLLM RequestOutput (a delta, or the whole output when not streaming) -> EngineStep; a pure function
+    of its arguments. `first`: the request's first output, the one that carries the prompt's logprobs and its
+    prefix-cache hits. A choice that finished with vLLM's "error" raises EngineFailed, "abort" RequestAborted."""
+    choices = []
+    for c in out.outputs:
+        if c.finish_reason == "error":
+            raise EngineFailed(f"request {out.request_id}: choice {c.index} finished with an error")
+        if c.finish_reason == "abort":
+            raise RequestAborted(out.request_id)
+        choices.append(
+            ChoiceDelta(
+                index=c.index,
+                text=c.text,
+                num_tokens=len(c.token_ids),
+                logprobs=_token_logprobs(c.token_ids, c.logprobs, options.logprobs)
+                if options.logprobs is not None
+                else None,
+                finish_reason=c.finish_reason,
+                stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
+            )
+        )
+    prompt_logprobs = None
+    if first and options.prompt_logprobs is not None and out.prompt_logprobs is not None:
+        prompt_logprobs = [None] + _token_logprobs(
+            prompt_token_ids[1:], out.prompt_logprobs[1:], options.prompt_logprobs
+        )
+    return EngineStep(
+        len(prompt_token_ids),
+        choices,
+        out.finished,
+        prompt_logprobs,
+        _first_token_time(out),
+        (out.num_cached_tokens or 0) if first else None,
+        _timings(out) if out.finished else None,
+    )
 
 
 def _first_token_time(out: Any) -> float | None:
