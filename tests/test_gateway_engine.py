@@ -179,7 +179,7 @@ def strict_chunk(data: dict):
 
 def spec_check(check, body) -> None:
     """Validate against OpenAI's published schema when ../shared holds it."""
-    if openai_schema.SPEC_PATH.exists():
+    if openai_schema.available():
         check(body)
 
 

@@ -47,7 +47,7 @@ def client(server: Server):
 
 
 def spec(name: str, obj: dict) -> None:
-    if openai_schema.SPEC_PATH.exists():
+    if openai_schema.available():
         openai_schema.validate(name, obj)
 
 

@@ -390,7 +390,17 @@ def test_no_nullable_keyword_left_in_checked_schemas() -> None:
 
 def test_require_spec_skips_when_document_is_absent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(openai_schema, "SPEC_PATH", tmp_path / "openapi.json")
+    monkeypatch.delenv("CI", raising=False)
     with pytest.raises(
         pytest.skip.Exception, match=r"not found at .*openapi\.json \(\.\./shared is absent\)"
     ):
         openai_schema.require_spec()
+    assert not openai_schema.available()
+
+
+def test_a_missing_document_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(openai_schema, "SPEC_PATH", tmp_path / "openapi.json")
+    monkeypatch.setenv("CI", "true")
+    for check in (openai_schema.require_spec, openai_schema.available):
+        with pytest.raises(pytest.fail.Exception, match="fetch-references.sh"):
+            check()

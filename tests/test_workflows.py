@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -202,6 +203,29 @@ def test_ci_runs_lint_tests_hadolint_and_manifest_checks() -> None:
     # Every Dockerfile in docker/ is linted.
     for dockerfile in (ROOT / "docker").glob("Dockerfile*"):
         assert f"docker/{dockerfile.name}" in text
+
+
+def test_ci_fetches_the_references_before_the_tests() -> None:
+    """The test job fetches what ../shared holds (OpenAI's OpenAPI document, the CRDs) before `make test`, and the
+    fetch script's checksums are those of ../shared's files, so CI checks against the same bytes."""
+    (test,) = [job for name, job in workflow("ci.yml")["jobs"].items() if name == "test"]
+    commands = [step.get("run", "") for step in test["steps"]]
+    fetch = commands.index("bash scripts/fetch-references.sh")
+    assert fetch < commands.index("make test")
+    script = (ROOT / "scripts" / "fetch-references.sh").read_text()
+    sums = dict((name, digest) for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", script, re.M))
+    assert "openai-openapi/openapi.json" in sums and len(sums) == 8
+    shared = ROOT.parent / "shared"
+    if not shared.is_dir():
+        assert os.environ.get("CI") != "true", f"{shared} is missing"
+        pytest.skip(f"{shared} is absent: nothing to compare the checksums with")
+    import hashlib
+
+    for name, digest in sums.items():
+        assert hashlib.sha256((shared / name).read_bytes()).hexdigest() == digest, name
+    assert sorted(p.name for p in (shared / "k8s-crds").glob("*.yaml")) == sorted(
+        Path(n).name for n in sums if n.startswith("k8s-crds/")
+    )
 
 
 def test_ci_caches_pip() -> None:
