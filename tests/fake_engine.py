@@ -1,8 +1,10 @@
 """FakeEngine: a stand-in engine for HTTP unit tests ONLY (auth, limits, error shapes, SSE framing, admission).
 
 It implements server.gateway.engine.Engine without vLLM: each choice "generates" the words of a fixed text,
-one word per step, with a configurable delay. abort() ends a running generation the way vLLM does (the
-generation stops with RequestAborted). Behaviour with the real engine is tested in test_gateway_engine.py.
+one word per step, with a configurable delay; with `prompt_words`, the words are the prompt's token ids (" t12"),
+so that an answer mixed up with another prompt's shows. abort() ends a running generation the way vLLM does (the
+generation stops with RequestAborted). `cached_tokens` reports that many prompt tokens as prefix-cache hits, on
+the first step as vLLM does. Behaviour with the real engine is tested in test_gateway_engine.py.
 """
 
 from __future__ import annotations
@@ -35,12 +37,16 @@ class FakeEngine:
         fail_after: int | None = None,
         error_finish: bool = False,
         words: list[str] | None = None,
+        prompt_words: bool = False,
+        cached_tokens: int = 0,
     ) -> None:
         self.max_model_len = max_model_len
         self.delay = delay
         self.fail_after = fail_after
         self.error_finish = error_finish  # end every request as vLLM's finish_reason "error" does
         self.words = words or WORDS
+        self.prompt_words = prompt_words
+        self.cached_tokens = cached_tokens
         self.dead = False
         self.started = False
         self.progress = EngineProgress()
@@ -86,8 +92,9 @@ class FakeEngine:
         self.running.add(request_id)
         self.generated.append(request_id)
         self.options.append(options)
-        words = self.words
+        words = [f" t{t}" for t in prompt_token_ids] if self.prompt_words else self.words
         queued = time.time()
+        cached = min(self.cached_tokens, len(prompt_token_ids))
         first_token = None
         try:
             steps = min(options.max_tokens, len(words))
@@ -128,8 +135,10 @@ class FakeEngine:
                         last,
                         None,
                         now if k == 0 else None,
+                        cached_tokens=cached,
                         timings=timings,
                     )
+                    cached = None  # only on the first step
         finally:
             self.running.discard(request_id)
 

@@ -565,6 +565,71 @@ def test_metric_values_move(tiny_lite_dir):
         assert metric(c, "dsv2_e2e_request_latency_seconds_count", route=route) == 2
         c.post(route, json={**CHAT, "n": 1000})
         assert metric(c, "dsv2_http_requests_total", method="POST", route=route, status="400") == 1
+        usage = c.post(route, json=CHAT).json()["usage"]
+        prompts = metric(c, "dsv2_prompt_tokens_total", route=route)
+        assert (
+            prompts == 3 * usage["prompt_tokens"]
+        )  # the same prompt, three requests that reached the engine
+
+
+def test_rejections_are_counted_by_reason(tiny_lite_dir):
+    engine = FakeEngine(delay=0.2)
+    with make_client(tiny_lite_dir, engine=engine, max_inflight_sequences=2) as c:
+        t = threading.Thread(target=lambda: c.post("/v1/chat/completions", json={**CHAT, "n": 2}))
+        t.start()
+        _wait_running(engine)
+        for _ in range(3):
+            assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 429)
+        t.join()
+        assert metric(c, "dsv2_rejected_requests_total", reason="overloaded") == 3
+        engine.dead = True
+        assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 503)
+        assert metric(c, "dsv2_rejected_requests_total", reason="engine_unavailable") == 1
+        assert metric(c, "dsv2_rejected_requests_total", reason="overloaded") == 3
+
+
+def test_multi_prompt_choices_answer_their_own_prompt(tiny_lite_dir):
+    """Choice `p * n + i` is prompt p's: FakeEngine's words are the prompt's token ids, so a mix-up shows."""
+    prompts = [[11, 12], [21, 22, 23], [31]]
+    want = {
+        p * 2 + i: "".join(f" t{t}" for t in prompt) for p, prompt in enumerate(prompts) for i in range(2)
+    }
+    with make_client(tiny_lite_dir, engine=FakeEngine(prompt_words=True, delay=0.01)) as c:
+        body = {"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 8}
+        choices = c.post("/v1/completions", json=body).json()["choices"]
+        assert {ch["index"]: ch["text"] for ch in choices} == want
+        streamed: dict[int, str] = {}
+        for chunk in sse_events(c.post("/v1/completions", json={**body, "stream": True}).text):
+            for ch in chunk["choices"]:
+                streamed[ch["index"]] = streamed.get(ch["index"], "") + ch["text"]
+        assert streamed == want
+
+
+def test_cached_tokens_reported_once_on_every_api(tiny_lite_dir):
+    """FakeEngine reports 3 prompt tokens as prefix-cache hits, on the first step, per engine request."""
+    ask = [{"role": "user", "content": "hi"}]
+    with make_client(tiny_lite_dir, engine=FakeEngine(cached_tokens=3)) as c:
+        for stream in (False, True):
+            body = {
+                **CHAT,
+                "n": 2,
+                "stream": stream,
+                "stream_options": {"include_usage": True} if stream else None,
+            }
+            r = c.post("/v1/chat/completions", json=body)
+            usage = sse_events(r.text)[-1]["usage"] if stream else r.json()["usage"]
+            assert usage["prompt_tokens_details"] == {"cached_tokens": 3}, (stream, usage)
+            body = {"model": MODEL, "prompt": [[1, 2, 3, 4], [5, 6, 7, 8]], "stream": stream}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            r = c.post("/v1/completions", json=body)
+            usage = sse_events(r.text)[-1]["usage"] if stream else r.json()["usage"]
+            assert usage["prompt_tokens_details"] == {"cached_tokens": 6}, (stream, usage)  # 3 per prompt
+            r = c.post("/v1/responses", json={"model": MODEL, "input": "hi", "stream": stream})
+            body_ = _response_events(r.text)[-1]["response"] if stream else r.json()
+            assert body_["usage"]["input_tokens_details"]["cached_tokens"] == 3, (stream, body_["usage"])
+        message = c.post("/v1/messages", json={"model": MODEL, "messages": ask, "max_tokens": 8}).json()
+        assert message["usage"]["cache_read_input_tokens"] == 3
 
 
 def test_ready_needs_no_engine_queue_while_busy(tiny_lite_dir):

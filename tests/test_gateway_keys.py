@@ -143,6 +143,34 @@ def test_tokens_charged_on_every_exit(tiny_lite_dir, tmp_path, exit_by):
         assert 60 - used <= remaining() <= 60 - used + 2  # charged what it used, the rest given back
 
 
+@pytest.mark.parametrize("isolation", [True, False])
+def test_cache_salt_reaches_the_engine_per_key(tiny_lite_dir, key_file, isolation):
+    """With keys, every engine request carries its key's salt (one per key, on every API); with
+    --no-cache-isolation, or without keys, none."""
+    engine = FakeEngine()
+    settings = {"api_key_file": str(key_file), "api_keys": ["sk-flat"], "cache_isolation": isolation}
+    with make_client(tiny_lite_dir, engine=engine, **settings) as c:
+        salts = {}
+        for key in ("sk-a", "sk-flat"):
+            for path, body in [
+                ("/v1/chat/completions", {**CHAT, "max_tokens": 2}),
+                ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 2}),
+                ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 2}),
+                ("/v1/messages", {"model": MODEL, "messages": CHAT["messages"], "max_tokens": 2}),
+            ]:
+                seen = len(engine.options)
+                assert c.post(path, json=body, headers=bearer(key)).status_code == 200, (path, key)
+                salts.setdefault(key, set()).update(o.cache_salt for o in engine.options[seen:])
+        if isolation:
+            assert all(len(s) == 1 and None not in s for s in salts.values()), salts
+            assert salts["sk-a"] != salts["sk-flat"]
+        else:
+            assert salts == {"sk-a": {None}, "sk-flat": {None}}
+    with make_client(tiny_lite_dir, engine=engine) as c:  # no keys: nothing to isolate
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert engine.options[-1].cache_salt is None
+
+
 def test_key_priority_default_and_cap(tiny_lite_dir, key_file):
     engine = FakeEngine(delay=0.05)
     engine.priority_scheduling = True

@@ -151,12 +151,17 @@ def test_required_choice_streamed_equals_whole(oai):
 
 
 def test_auto_may_answer_in_text(oai):
+    """Under auto the model may answer in text; the tools are still offered: rendered into the prompt (which is
+    longer than the same question's without them), and a call it starts is guaranteed valid."""
     c = create(oai, messages=ASK, tools=TOOLS, temperature=0, max_tokens=24)
     message = c.choices[0].message
     if message.tool_calls:  # the random model started a call: then it must be a valid one
         assert_valid_calls(message.tool_calls)
     else:
         assert isinstance(message.content, str) and c.choices[0].finish_reason in ("stop", "length")
+        assert "<tool_call>" not in message.content  # a call is never left in the text
+    bare = create(oai, messages=ASK, temperature=0, max_tokens=1)
+    assert c.usage.prompt_tokens > bare.usage.prompt_tokens + 50, (c.usage, bare.usage)
 
 
 def test_tool_results_rendered_into_the_prompt(oai, tiny_lite_dir):

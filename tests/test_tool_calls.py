@@ -117,6 +117,10 @@ def test_chat_and_responses_take_tools_with_a_format(client, tiny_lite_dir):
         assert c.post("/v1/chat/completions", json=chat).status_code == 200
         tool_spec = {**GET_WEATHER, "description": None}
         assert engine.options[-1].structural_tag == tools.structural_tag([tool_spec], "auto", True, ANSWER)
+        del chat["response_format"]  # auto alone: calls when the model starts one, text otherwise
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+        assert engine.options[-1].structural_tag == tools.structural_tag([tool_spec], "auto", True)
+        assert json.loads(engine.options[-1].structural_tag)["format"]["type"] == "triggered_tags"
 
 
 # --- a call cut by max_tokens, on every API (FakeEngine: one piece of the call per step) ---------------------------
