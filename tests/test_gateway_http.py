@@ -244,6 +244,18 @@ def test_request_id_sanitised_and_becomes_the_engine_id(tiny_lite_dir):
         assert engine.generated[-1] == f"chatcmpl-{rid}"
         r = c.get("/health", headers={"X-Request-Id": "<>"})  # nothing usable left: a fresh id
         assert len(r.headers["x-request-id"]) == 32
+        # every API's body id is its engine id, built from the request id
+        for path, body, prefix in [
+            ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, "cmpl-"),
+            ("/v1/responses", {"model": MODEL, "input": "x", "max_output_tokens": 2}, "resp_"),
+            ("/v1/messages", {"model": MODEL, "messages": CHAT["messages"], "max_tokens": 2}, "msg_"),
+        ]:
+            for stream in (False, True):
+                r = c.post(path, json={**body, "stream": stream}, headers={"X-Request-Id": "abc-123"})
+                assert engine.generated[-1] == f"{prefix}abc-123", (path, engine.generated[-1])
+                assert f'"{prefix}abc-123"' in r.text and r.headers["x-request-id"] == "abc-123"
+                if not stream:
+                    assert r.json()["id"] == f"{prefix}abc-123"
 
 
 def test_same_client_request_id_twice_in_flight(tiny_lite_dir):

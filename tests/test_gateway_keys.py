@@ -171,6 +171,29 @@ def test_cache_salt_reaches_the_engine_per_key(tiny_lite_dir, key_file, isolatio
         assert engine.options[-1].cache_salt is None
 
 
+def test_count_tokens_goes_through_the_key(tiny_lite_dir, key_file):
+    """/v1/messages/count_tokens reads the model's tokenizer like a request: a key may count only for the models
+    it may use, and each count is a request of its requests_per_minute."""
+    with make_client(
+        tiny_lite_dir, api_key_file=str(key_file), served_model_name=f"{MODEL},deepseek-chat"
+    ) as c:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        r = c.post("/v1/messages/count_tokens", json=body, headers=bearer("sk-b"))
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", r.text
+        body["model"] = "deepseek-chat"
+        statuses = [
+            c.post("/v1/messages/count_tokens", json=body, headers=bearer("sk-b")).status_code
+            for _ in range(2)
+        ]
+        assert statuses == [200, 429]  # team-b: 2 requests per minute, the first spent on the refused model
+        assert (
+            metric(
+                c, "dsv2_http_requests_total", method="POST", route="/v1/messages/count_tokens", status="429"
+            )
+            == 1
+        )
+
+
 def test_key_priority_default_and_cap(tiny_lite_dir, key_file):
     engine = FakeEngine(delay=0.05)
     engine.priority_scheduling = True

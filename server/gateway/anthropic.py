@@ -9,7 +9,6 @@ stream events. Errors on this path come in Anthropic's shape (errors.py).
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -162,10 +161,6 @@ def _text(content: str | list[TextBlock]) -> str:
 
 
 # --- responses ------------------------------------------------------------------------------------------------
-
-
-def message_id() -> str:
-    return f"msg_{uuid.uuid4().hex[:24]}"
 
 
 def stop_reason(finish: str | None, stop_sequence: str | None, called: bool) -> str:

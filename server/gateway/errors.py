@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from server.gateway import paths
 from server.gateway.engine import EngineRejected
 
 log = logging.getLogger("dsv2.errors")
@@ -78,7 +79,7 @@ class APIError(Exception):
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
     def response(self, path: str = "") -> Response:
-        body = self.anthropic_body() if is_anthropic(path) else self.body()
+        body = self.anthropic_body() if paths.anthropic(path) else self.body()
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
@@ -90,10 +91,6 @@ _ANTHROPIC_TYPES = {
     429: "rate_limit_error",
     503: "overloaded_error",
 }
-
-
-def is_anthropic(path: str) -> bool:
-    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})

@@ -15,23 +15,6 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 if TYPE_CHECKING:
     from server.gateway.tracing import RequestTrace
 
-# Routes with a label of their own; anything else counts as "other" (bounded label cardinality).
-ROUTES = frozenset(
-    [
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/responses",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/v1/models",
-        "/health",
-        "/ready",
-        "/metrics",
-        "/version",
-    ]
-)
-MODEL_ROUTE = "/v1/models/{model}"
-
 _LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -71,12 +54,6 @@ _ITL_BUCKETS = (
     5.0,
 )
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
-
-
-def route_label(path: str) -> str:
-    if path in ROUTES:
-        return path
-    return MODEL_ROUTE if path.startswith("/v1/models/") else "other"
 
 
 class GatewayMetrics:

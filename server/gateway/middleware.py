@@ -15,9 +15,10 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.gateway import paths
 from server.gateway.errors import APIError, internal_error
 from server.gateway.logs import request_id_var
-from server.gateway.metrics import GatewayMetrics, route_label
+from server.gateway.metrics import GatewayMetrics
 from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
 
 log = logging.getLogger("dsv2.errors")
@@ -37,7 +38,6 @@ def sanitize_request_id(raw: bytes | None) -> str | None:
 
 
 # Requests that generate: each counts against its key's request rate.
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
 
 
 class GatewayMiddleware:
@@ -100,7 +100,7 @@ class GatewayMiddleware:
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if method == "POST" and path in GENERATION_PATHS:
+        if method == "POST" and path in paths.RATE_LIMITED:
             try:
                 tenant.admit_request()
             except APIError as exc:
@@ -134,7 +134,7 @@ class GatewayMiddleware:
     def _record(
         self, scope: Scope, path: str, status: int, start: float, request_id: str, tenant: Tenant
     ) -> None:
-        self.metrics.requests.labels(route_label(path), scope["method"], str(status)).inc()
+        self.metrics.requests.labels(paths.label(path), scope["method"], str(status)).inc()
         if access_log.isEnabledFor(logging.INFO):
             client = scope.get("client")
             duration_ms = (time.perf_counter() - start) * 1000

@@ -318,10 +318,6 @@ def renamed(exc: APIError, source: list[str]) -> APIError:
 # --- the Response object ----------------------------------------------------------------------------------------
 
 
-def response_id() -> str:
-    return f"resp_{uuid.uuid4().hex}"
-
-
 class Shell:
     """The fields of a Response that come from the request: the same in every event and in the final body."""
 

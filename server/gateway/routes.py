@@ -7,7 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server import __version__
-from server.gateway import anthropic, responses, serving
+from server.gateway import anthropic, paths, responses, serving
 from server.gateway import protocol as p
 from server.gateway.errors import APIError
 from server.gateway.health import Health
@@ -64,18 +64,18 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
-@router.post("/v1/chat/completions", responses=_stream_response(p.ChatCompletion), response_model=None)
+@router.post(paths.CHAT, responses=_stream_response(p.ChatCompletion), response_model=None)
 async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
     return await serving.chat(services(request), body, request, request_id(request))
 
 
-@router.post("/v1/completions", responses=_stream_response(p.Completion), response_model=None)
+@router.post(paths.COMPLETIONS, responses=_stream_response(p.Completion), response_model=None)
 async def completions(body: p.CompletionRequest, request: Request) -> Response:
     return await serving.completion(services(request), body, request, request_id(request))
 
 
 @router.post(
-    "/v1/responses",
+    paths.RESPONSES,
     response_model=None,
     summary="OpenAI Responses API, stateless (store, previous_response_id, background: 400).",
     responses={
@@ -88,7 +88,7 @@ async def create_response(body: responses.ResponsesRequest, request: Request) ->
 
 
 @router.post(
-    "/v1/messages",
+    paths.MESSAGES,
     response_model=None,
     summary="Anthropic Messages API (errors in Anthropic's shape on this path).",
     responses={200: {"description": "An Anthropic message, or with `stream: true` its event stream."}},
@@ -97,19 +97,17 @@ async def messages(body: anthropic.MessagesRequest, request: Request) -> Respons
     return await serving.messages(services(request), body, request, request_id(request))
 
 
-@router.post("/v1/messages/count_tokens", summary="Anthropic: tokens the request's prompt takes.")
+@router.post(paths.COUNT_TOKENS, summary="Anthropic: tokens the request's prompt takes.")
 async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> JSONResponse:
-    return JSONResponse(await serving.count_tokens(services(request), body))
+    return JSONResponse(await serving.count_tokens(services(request), body, request))
 
 
-@router.get("/v1/models", response_model=p.ModelList, responses={401: _ERRORS[401]})
+@router.get(paths.MODELS, response_model=p.ModelList, responses={401: _ERRORS[401]})
 async def models(request: Request) -> JSONResponse:
     return JSONResponse(serving.models(services(request)))
 
 
-@router.get(
-    "/v1/models/{model_id:path}", response_model=p.ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]}
-)
+@router.get(paths.MODEL, response_model=p.ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]})
 async def model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(serving.model(services(request), model_id))
 
@@ -119,7 +117,7 @@ lora_router = APIRouter()
 
 
 @lora_router.post(
-    "/v1/load_lora_adapter",
+    paths.LOAD_LORA,
     response_class=PlainTextResponse,
     responses={400: _ERRORS[400], 401: _ERRORS[401]},
     summary="Load a LoRA adapter; requests then select it with `model: lora_name`.",
@@ -129,7 +127,7 @@ async def load_lora_adapter(body: p.LoadAdapterRequest, request: Request) -> Res
 
 
 @lora_router.post(
-    "/v1/unload_lora_adapter",
+    paths.UNLOAD_LORA,
     response_class=PlainTextResponse,
     responses={401: _ERRORS[401], 404: {"model": p.ErrorResponse, "description": "No such adapter."}},
     summary="Stop serving a LoRA adapter (requests running with it finish).",
@@ -143,7 +141,7 @@ def health_of(request: Request) -> Health:
 
 
 @router.get(
-    "/health",
+    paths.HEALTH,
     response_model=p.Status,
     responses={503: {"model": p.ErrorResponse, "description": "Engine dead or stalled."}},
     summary="Liveness: the engine is alive and, with requests waiting, makes steps.",
@@ -156,7 +154,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 @router.get(
-    "/ready",
+    paths.READY,
     response_model=p.Status,
     responses={
         503: {"model": p.ErrorResponse, "description": "Not ready: starting, draining, engine failing."}
@@ -171,7 +169,7 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get(
-    "/metrics",
+    paths.METRICS,
     response_class=Response,
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."}
@@ -181,7 +179,7 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
-@router.get("/version", response_model=p.Version)
+@router.get(paths.VERSION, response_model=p.Version)
 async def version() -> JSONResponse:
     try:
         from vllm import __version__ as vllm_version

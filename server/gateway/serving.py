@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from server.gateway import anthropic, protocol, render, responses, tracing
+from server.gateway import anthropic, paths, protocol, render, responses, tracing
 from server.gateway.admission import Admission, Slot
 from server.gateway.engine import (
     Engine,
@@ -93,7 +93,7 @@ async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request,
     limits = svc.limits
     plan = protocol.chat_plan(req, limits)
     caller = _caller(svc, raw, req.model, req.priority)
-    timer = RequestTimer(svc.metrics, "/v1/chat/completions")
+    timer = RequestTimer(svc.metrics, paths.CHAT)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
         _trace(svc, raw, caller, timer, owner, request_id)
@@ -118,12 +118,12 @@ async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, 
     limits = svc.limits
     plan = protocol.chat_plan(anthropic.to_chat(req), limits)
     caller = _caller(svc, raw, req.model, None)
-    timer = RequestTimer(svc.metrics, "/v1/messages")
+    timer = RequestTimer(svc.metrics, paths.MESSAGES)
     with_tools = plan.tool_choice is not None
     async with AsyncExitStack() as owner:
         _trace(svc, raw, caller, timer, owner, request_id)
-        _, prompt, steps = await _start_chat(svc, plan, caller, owner, f"msg-{request_id}", timer)
-        msg_id = anthropic.message_id()
+        slot, prompt, steps = await _start_chat(svc, plan, caller, owner, f"msg_{request_id}", timer)
+        msg_id = slot.request_id
         if plan.stream:
             first = await until_disconnected(raw, _first_step(steps, timer))
             events = anthropic.message_events(
@@ -143,12 +143,12 @@ async def create_response(
     try:
         plan = protocol.chat_plan(tr.chat, limits)
         caller = _caller(svc, raw, req.model, req.priority)
-        timer = RequestTimer(svc.metrics, "/v1/responses")
+        timer = RequestTimer(svc.metrics, paths.RESPONSES)
         with_tools = plan.tool_choice is not None
         async with AsyncExitStack() as owner:
             _trace(svc, raw, caller, timer, owner, request_id)
-            _, prompt, steps = await _start_chat(svc, plan, caller, owner, f"resp-{request_id}", timer)
-            shell = responses.Shell(responses.response_id(), caller.model, req, tr)
+            slot, prompt, steps = await _start_chat(svc, plan, caller, owner, f"resp_{request_id}", timer)
+            shell = responses.Shell(slot.request_id, caller.model, req, tr)
             if plan.stream:
                 first = await until_disconnected(raw, _first_step(steps, timer))
                 events = responses.response_events(
@@ -161,8 +161,10 @@ async def create_response(
         raise responses.renamed(exc, tr.source) from None
 
 
-async def count_tokens(svc: Services, req: anthropic.CountTokensRequest) -> dict:
+async def count_tokens(svc: Services, req: anthropic.CountTokensRequest, raw: Request) -> dict:
+    """The prompt's tokens, as a Messages request would take them; the key may count only for its models."""
     plan = protocol.chat_plan(anthropic.to_chat(req), svc.limits)
+    _caller(svc, raw, req.model, None)
     return {"input_tokens": len(await _encode_chat(svc, plan))}
 
 
@@ -200,7 +202,7 @@ async def completion(
     limits = svc.limits
     plan = protocol.completion_plan(req, limits)
     caller = _caller(svc, raw, req.model, req.priority)
-    timer = RequestTimer(svc.metrics, "/v1/completions")
+    timer = RequestTimer(svc.metrics, paths.COMPLETIONS)
     async with AsyncExitStack() as owner:
         trace = _trace(svc, raw, caller, timer, owner, request_id)
         with trace.phase("admission"):
