@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from server.gateway import render
 from server.gateway.engine import ChoiceDelta, EngineStep, TokenLogprob
 from server.gateway.metrics import GatewayMetrics, RequestTimer
+from server.gateway.stream import Stream, Usage
 from tests import openai_schema
 
 ENV = render.Envelope('chatcmpl-x"y', 1_700_000_000, "tiny/model")
@@ -58,9 +59,14 @@ def run(events) -> list[bytes]:
     return asyncio.run(consume())
 
 
-async def aiter_steps(steps, indexed: bool = False):
+async def aiter_steps(steps):
     for step in steps:
-        yield (0, step) if indexed else step
+        yield 0, step
+
+
+def stream_of(steps, n: int) -> Stream:
+    """The one stream loop over `steps` of one 7-token prompt, as serving builds it for a stream."""
+    return Stream(aiter_steps(steps), n, Usage(7), timer())
 
 
 def mapped(reason: str | None) -> str | None:
@@ -149,7 +155,7 @@ def timer() -> RequestTimer:
 @given(streams())
 def test_chat_fast_path_is_byte_identical(case):
     n, include_usage, steps = case
-    fast = run(render.chat_events(aiter_steps(steps), ENV, n, include_usage, timer()))
+    fast = run(render.chat_events(stream_of(steps, n), ENV, n, include_usage))
     # Exact, logprobs included: both sides serialise the same Python floats with json's repr.
     assert b"".join(fast) == b"".join(chat_reference(n, include_usage, steps))
 
@@ -158,9 +164,7 @@ def test_chat_fast_path_is_byte_identical(case):
 @given(streams())
 def test_completion_fast_path_is_byte_identical(case):
     n, include_usage, steps = case
-    fast = run(
-        render.completion_events(aiter_steps(steps, indexed=True), ENV, n, None, include_usage, timer())
-    )
+    fast = run(render.completion_events(stream_of(steps, n), ENV, n, None, include_usage))
     # Exact, logprobs included: both sides serialise the same Python floats with json's repr.
     assert b"".join(fast) == b"".join(completion_reference(n, include_usage, steps))
 
@@ -170,7 +174,7 @@ def test_completion_fast_path_is_byte_identical(case):
 def test_every_chunk_matches_openai_schema(case):
     openai_schema.require_spec()
     n, include_usage, steps = case
-    wire = b"".join(run(render.chat_events(aiter_steps(steps), ENV, n, include_usage, timer())))
+    wire = b"".join(run(render.chat_events(stream_of(steps, n), ENV, n, include_usage)))
     events = wire.decode().split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
     for event in events[:-2]:

@@ -2,7 +2,7 @@
 sequences, the engine's real unit of work), of the drain state, and of aborting engine requests left behind.
 
     async with admission.slot(cost=prompts * n, request_id=...) as slot:   # 503 draining, 429 over budget
-        steps = slot.track(engine.generate(..., slot.engine_ids[0]))       # marks each engine request finished
+        steps = slot.track(generate_many(engine, ..., slot.engine_ids))      # marks each engine request finished
         ...
     # on exit: every engine request not finished is aborted (client gone, error), the budget is returned
 
@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 
 from server.gateway.engine import Engine, EngineStep
 from server.gateway.errors import APIError, ClientGone, DeadlineExceeded, engine_unavailable, shutting_down
-from server.gateway.metrics import GatewayMetrics, RequestTimer
+from server.gateway.metrics import GatewayMetrics
 from server.gateway.tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger("dsv2.admission")
@@ -30,38 +30,27 @@ log = logging.getLogger("dsv2.admission")
 class Slot:
     """One admitted request: its id, its cost, and its engine requests still running."""
 
-    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant", "timer", "generated")
+    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant")
 
-    def __init__(
-        self, request_id: str, cost: int, engine_ids: list[str], tenant: Tenant, timer: RequestTimer | None
-    ) -> None:
+    def __init__(self, request_id: str, cost: int, engine_ids: list[str], tenant: Tenant) -> None:
         self.request_id = request_id
         self.cost = cost
         self.engine_ids = engine_ids
         self.pending = set(engine_ids)
         self.tenant = tenant
-        self.timer = timer
         # Why the engine side failed (the stream reports it); what is left is aborted with this reason.
         self.failed: str | None = None
-        self.generated = (
-            0  # tokens the engine has sent back so far, over all choices: what the key is charged
-        )
 
-    async def track(self, steps: AsyncIterator, engine_id: str | None = None) -> AsyncIterator:
-        """Pass `steps` through, marking engine requests finished: (index, step) pairs from generate_many, or
-        plain steps of `engine_id`; prefix-cache hits and the engine's phases go to the request's timer and trace."""
+    async def track(
+        self, steps: AsyncIterator[tuple[int, EngineStep]]
+    ) -> AsyncIterator[tuple[int, EngineStep]]:
+        """Pass `steps` ((engine request index, step), as generate_many yields them) through, marking engine
+        requests finished."""
         try:
-            async for item in steps:
-                step: EngineStep = item[1] if isinstance(item, tuple) else item
-                self.generated += sum(c.num_tokens for c in step.choices)
-                if self.timer is not None:
-                    if step.cached_tokens:
-                        self.timer.cached_tokens += step.cached_tokens
-                    if step.timings is not None and self.timer.trace is not None:
-                        self.timer.trace.engine(step.timings)
+            async for i, step in steps:
                 if step.finished:
-                    self.pending.discard(self.engine_ids[item[0]] if isinstance(item, tuple) else engine_id)
-                yield item
+                    self.pending.discard(self.engine_ids[i])
+                yield i, step
         except Exception as exc:
             self.failed = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
             raise
@@ -91,9 +80,8 @@ class Admission:
         request_id: str,
         engine_requests: int = 1,
         tenant: Tenant = ANONYMOUS,
-        timer: RequestTimer | None = None,
     ) -> AsyncIterator[Slot]:
-        slot = self._admit(cost, request_id, engine_requests, tenant, timer)
+        slot = self._admit(cost, request_id, engine_requests, tenant)
         # A normal exit with engine requests pending: the stream was not read out.
         reason = "client_disconnected"
         try:
@@ -128,9 +116,7 @@ class Admission:
 
     # --- internals -------------------------------------------------------------------------------------------
 
-    def _admit(
-        self, cost: int, request_id: str, engine_requests: int, tenant: Tenant, timer: RequestTimer | None
-    ) -> Slot:
+    def _admit(self, cost: int, request_id: str, engine_requests: int, tenant: Tenant) -> Slot:
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise shutting_down()
@@ -162,7 +148,7 @@ class Admission:
         while request_id in self.slots or not self.engine_ids.isdisjoint(engine_ids):
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
             engine_ids = _engine_ids(request_id, engine_requests)
-        slot = Slot(request_id, cost, engine_ids, tenant, timer)
+        slot = Slot(request_id, cost, engine_ids, tenant)
         self.engine_ids.update(engine_ids)
         tenant.sequences += cost
         if not self.slots:

@@ -17,10 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.gateway import render, tools
-from server.gateway.engine import EngineStep
 from server.gateway.errors import APIError, validation_error
-from server.gateway.metrics import RequestTimer
 from server.gateway.protocol import ChatCompletionRequest
+from server.gateway.stream import Answer, Stream, Usage
 
 
 class _Strict(BaseModel):
@@ -163,23 +162,20 @@ def _text(content: str | list[TextBlock]) -> str:
 # --- responses ------------------------------------------------------------------------------------------------
 
 
-def stop_reason(finish: str | None, stop_sequence: str | None, called: bool) -> str:
-    if called and finish != "length":
+def stop_reason(finish: str | None, stop_sequence: str | None) -> str:
+    """OpenAI's finish reason (stream.py) -> Anthropic's stop reason."""
+    if finish == "tool_calls":
         return "tool_use"
     if finish == "length":
         return "max_tokens"
     return "stop_sequence" if stop_sequence else "end_turn"
 
 
-def message_body(msg_id: str, model: str, r: render.Result, with_tools: bool) -> dict:
-    text, calls = r.texts[0], []
-    if with_tools:
-        parsed = tools.parse(text)
-        text, calls = parsed.content, parsed.calls
-    content: list[dict] = [{"type": "text", "text": text}] if text or not calls else []
+def message_body(msg_id: str, model: str, a: Answer, u: Usage) -> dict:
+    content: list[dict] = [{"type": "text", "text": a.text}] if a.text or not a.calls else []
     content += [
         {"type": "tool_use", "id": _tool_use_id(c.id), "name": c.name, "input": _input(c.arguments)}
-        for c in calls
+        for c in a.calls
     ]
     return {
         "id": msg_id,
@@ -187,12 +183,12 @@ def message_body(msg_id: str, model: str, r: render.Result, with_tools: bool) ->
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(r.finish[0], r.stop[0], bool(calls)),
-        "stop_sequence": r.stop[0],
+        "stop_reason": stop_reason(a.finish, a.stop),
+        "stop_sequence": a.stop,
         "usage": {
-            "input_tokens": r.prompt_tokens,
-            "output_tokens": r.completion_tokens,
-            "cache_read_input_tokens": r.cached_tokens,
+            "input_tokens": u.prompt_tokens,
+            "output_tokens": u.completion_tokens,
+            "cache_read_input_tokens": u.cached_tokens,
         },
     }
 
@@ -211,14 +207,7 @@ def _input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-async def message_events(
-    steps: AsyncIterator[EngineStep],
-    msg_id: str,
-    model: str,
-    prompt_tokens: int,
-    with_tools: bool,
-    timer: RequestTimer,
-) -> AsyncIterator[bytes]:
+async def message_events(stream: Stream, msg_id: str, model: str) -> AsyncIterator[bytes]:
     """Anthropic's stream: message_start, ping, content blocks (text deltas; tool_use blocks with
     input_json_delta fragments), message_delta (stop reason, output tokens), message_stop."""
     yield render.named_sse(
@@ -233,41 +222,33 @@ async def message_events(
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+                "usage": {"input_tokens": stream.usage.prompt_tokens, "output_tokens": 0},
             },
         },
     )
     yield render.named_sse("ping", {"type": "ping"})
-    parser = tools.CallParser() if with_tools else None
     blocks = _Blocks()
-    output_tokens = 0
     finish = stop = None
-    try:
-        async for step in steps:
-            for c in step.choices:
-                output_tokens += c.num_tokens
-                events = parser.feed(c.text) if parser else [tools.Event("content", c.text)] if c.text else []
-                if c.finish_reason is not None:
-                    finish, stop = c.finish_reason, c.stop_sequence
-                    events += parser.close() if parser else []
-                for event in events:
-                    for out in blocks.add(event):
-                        yield out
-            if any(c.num_tokens for c in step.choices):
-                timer.tokens()
-    except Exception as exc:  # the headers are sent: an error event ends the stream
-        yield render.named_sse("error", render.failure(exc, timer).anthropic_body())
+    async for deltas in stream:
+        for d in deltas:
+            for event in (
+                d.events if d.events is not None else [tools.Event("content", d.text)] if d.text else []
+            ):
+                for out in blocks.add(event):
+                    yield out
+            if d.finish is not None:
+                finish, stop = d.finish, d.stop
+    if stream.failure is not None:  # the headers are sent: an error event ends the stream
+        yield render.named_sse("error", stream.failure.anthropic_body())
         return
     for out in blocks.close():
         yield out
-    timer.done(prompt_tokens, output_tokens)
-    reason = stop_reason(finish, stop, blocks.calls > 0)
     yield render.named_sse(
         "message_delta",
         {
             "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": stop},
-            "usage": {"output_tokens": output_tokens},
+            "delta": {"stop_reason": stop_reason(finish, stop), "stop_sequence": stop},
+            "usage": {"output_tokens": stream.usage.completion_tokens},
         },
     )
     yield render.named_sse("message_stop", {"type": "message_stop"})

@@ -1,7 +1,7 @@
 """Exceptions -> OpenAI error JSON: {"error": {"message", "type", "param", "code"}} for every status.
 
 An engine's rejection of a request (EngineRejected) becomes a 400 here; failures after admission are shaped by
-render.failure. Unexpected exceptions are answered by the middleware (with the request id).
+stream.failure. Unexpected exceptions are answered by the middleware (with the request id).
 """
 
 from __future__ import annotations

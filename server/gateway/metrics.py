@@ -146,7 +146,6 @@ class RequestTimer:
     __slots__ = (
         "metrics",
         "route",
-        "cached_tokens",
         "trace",
         "start",
         "start_wall",
@@ -158,7 +157,6 @@ class RequestTimer:
     def __init__(self, metrics: GatewayMetrics, route: str) -> None:
         self.metrics = metrics
         self.route = route
-        self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache
         self.trace: RequestTrace | None = None
         self.start = time.perf_counter()
         self.start_wall = time.time()

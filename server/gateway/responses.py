@@ -23,10 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from server.gateway import render, tools
-from server.gateway.engine import EngineStep
 from server.gateway.errors import APIError, validation_error
-from server.gateway.metrics import RequestTimer
 from server.gateway.protocol import ChatCompletionRequest, Number
+from server.gateway.stream import Answer, Stream, Usage
 
 
 class _Strict(BaseModel):
@@ -382,13 +381,13 @@ class Shell:
         return body
 
 
-def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
+def usage(u: Usage) -> dict:
     return {
-        "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
-        "output_tokens": output_tokens,
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": u.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": input_tokens + output_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
     }
 
 
@@ -422,15 +421,11 @@ def _outcome(finish: str | None) -> tuple[str, str | None]:
     return ("incomplete", "max_output_tokens") if finish == "length" else ("completed", None)
 
 
-def response_body(shell: Shell, r: render.Result, with_tools: bool) -> dict:
-    text, calls = r.texts[0], []
-    if with_tools:
-        parsed = tools.parse(text)
-        text, calls = parsed.content, parsed.calls
-    status, reason = _outcome(r.finish[0])
-    output = [message_item(text, status)] if text or not calls else []
-    output += [call_item(c.id, c.name, c.arguments, status) for c in calls]
-    return shell.body(status, output, usage(r.prompt_tokens, r.completion_tokens, r.cached_tokens), reason)
+def response_body(shell: Shell, a: Answer, u: Usage) -> dict:
+    status, reason = _outcome(a.finish)
+    output = [message_item(a.text, status)] if a.text or not a.calls else []
+    output += [call_item(c.id, c.name, c.arguments, status) for c in a.calls]
+    return shell.body(status, output, usage(u), reason)
 
 
 # --- the event stream -------------------------------------------------------------------------------------------
@@ -502,37 +497,25 @@ class _Events:
         return out
 
 
-async def response_events(
-    steps: AsyncIterator[EngineStep], shell: Shell, prompt_tokens: int, with_tools: bool, timer: RequestTimer
-) -> AsyncIterator[bytes]:
+async def response_events(stream: Stream, shell: Shell) -> AsyncIterator[bytes]:
     """response.created, response.in_progress, then per output item: output_item.added, its content part and
     text deltas (or function-call argument deltas), their .done events, output_item.done; then
     response.completed, response.incomplete (token limit) or response.failed."""
     events = _Events(shell)
     yield events.response("response.created", "in_progress")
     yield events.response("response.in_progress", "in_progress")
-    parser = tools.CallParser() if with_tools else None
-    output_tokens, finish = 0, None
-    try:
-        async for step in steps:
-            for c in step.choices:
-                output_tokens += c.num_tokens
-                found = parser.feed(c.text) if parser else [tools.Event("content", c.text)] if c.text else []
-                if c.finish_reason is not None:
-                    finish = c.finish_reason
-                    found += parser.close() if parser else []
-                for e in found:
-                    for out in events.add(e):
-                        yield out
-            if any(c.num_tokens for c in step.choices):
-                timer.tokens()
-    except Exception as exc:  # the headers are sent: response.failed ends the stream
-        err = render.failure(exc, timer)
+    finish = None
+    async for deltas in stream:
+        for d in deltas:
+            for e in d.events if d.events is not None else [tools.Event("content", d.text)] if d.text else []:
+                for out in events.add(e):
+                    yield out
+            finish = d.finish or finish
+    if stream.failure is not None:  # the headers are sent: response.failed ends the stream
         for out in events.close("incomplete"):
             yield out
-        yield events.response(
-            "response.failed", "failed", error={"code": "server_error", "message": err.message}
-        )
+        error = {"code": "server_error", "message": stream.failure.message}
+        yield events.response("response.failed", "failed", error=error)
         return
     status, reason = _outcome(finish)
     if not events.output:  # an empty answer is still one (empty) message, as in the non-streamed body
@@ -540,8 +523,5 @@ async def response_events(
             yield out
     for out in events.close(status):
         yield out
-    timer.done(prompt_tokens, output_tokens)
     kind = "response.completed" if status == "completed" else "response.incomplete"
-    yield events.response(
-        kind, status, usage=usage(prompt_tokens, output_tokens, timer.cached_tokens), incomplete=reason
-    )
+    yield events.response(kind, status, usage=usage(stream.usage), incomplete=reason)

@@ -17,23 +17,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.gateway import anthropic, paths, protocol, render, responses, tracing
-from server.gateway.admission import Admission, Slot
+from server.gateway.admission import Admission
 from server.gateway.engine import (
     Engine,
-    EngineDead,
-    EngineFailed,
-    RequestAborted,
     SamplingOptions,
     generate_many,
 )
 from server.gateway.errors import APIError, ClientGone, DeadlineExceeded
 from server.gateway.metrics import GatewayMetrics, RequestTimer
+from server.gateway.stream import Answer, Stream, Usage, collect
 from server.gateway.template import ChatTemplate
 from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
 from server.settings import Settings, adapter_dir_problem
@@ -90,75 +88,34 @@ class Services:
 
 
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
-    limits = svc.limits
-    plan = protocol.chat_plan(req, limits)
-    caller = _caller(svc, raw, req.model, req.priority)
-    timer = RequestTimer(svc.metrics, paths.CHAT)
-    with_tools = plan.tool_choice is not None
-    async with AsyncExitStack() as owner:
-        _trace(svc, raw, caller, timer, owner, request_id)
-        slot, prompt, steps = await _start_chat(svc, plan, caller, owner, f"chatcmpl-{request_id}", timer)
-        env = render.Envelope(slot.request_id, int(time.time()), caller.model)
-        if plan.stream:
-            counted = render.TokenCount() if plan.continuous_usage else None
-            steps = counted.count(steps) if counted else steps
-            first = await until_disconnected(raw, _first_step(steps, timer))
-            events = render.chat_events(
-                _prepend(first, steps), env, plan.n, plan.include_usage, timer, with_tools
-            )
-            if counted:
-                events = render.with_running_usage(events, counted, timer, len(prompt))
-            return render.SSEResponse(events, owner.pop_all())
-        results = await until_disconnected(raw, render.collect(_indexed(steps), 1, plan.n, timer))
-        return render.chat_body(env, results[0], with_tools)
+    plan = protocol.chat_plan(req, svc.limits)
+    return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Chat(plan))
 
 
 async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, request_id: str) -> Response:
-    """Anthropic's Messages API: the chat path, in Anthropic's shapes."""
-    limits = svc.limits
-    plan = protocol.chat_plan(anthropic.to_chat(req), limits)
-    caller = _caller(svc, raw, req.model, None)
-    timer = RequestTimer(svc.metrics, paths.MESSAGES)
-    with_tools = plan.tool_choice is not None
-    async with AsyncExitStack() as owner:
-        _trace(svc, raw, caller, timer, owner, request_id)
-        slot, prompt, steps = await _start_chat(svc, plan, caller, owner, f"msg_{request_id}", timer)
-        msg_id = slot.request_id
-        if plan.stream:
-            first = await until_disconnected(raw, _first_step(steps, timer))
-            events = anthropic.message_events(
-                _prepend(first, steps), msg_id, caller.model, len(prompt), with_tools, timer
-            )
-            return render.SSEResponse(events, owner.pop_all())
-        results = await until_disconnected(raw, render.collect(_indexed(steps), 1, 1, timer))
-        return JSONResponse(anthropic.message_body(msg_id, caller.model, results[0], with_tools))
+    """Anthropic's Messages API: the chat flow, in Anthropic's shapes."""
+    plan = protocol.chat_plan(anthropic.to_chat(req), svc.limits)
+    return await _serve(svc, raw, request_id, plan, req.model, None, _Messages())
 
 
 async def create_response(
     svc: Services, req: responses.ResponsesRequest, raw: Request, request_id: str
 ) -> Response:
-    """OpenAI's Responses API, stateless: the chat path, in the Response shapes; errors name its parameters."""
-    limits = svc.limits
+    """OpenAI's Responses API, stateless: the chat flow, in the Response shapes; errors name its parameters."""
     tr = responses.to_chat(req)
     try:
-        plan = protocol.chat_plan(tr.chat, limits)
-        caller = _caller(svc, raw, req.model, req.priority)
-        timer = RequestTimer(svc.metrics, paths.RESPONSES)
-        with_tools = plan.tool_choice is not None
-        async with AsyncExitStack() as owner:
-            _trace(svc, raw, caller, timer, owner, request_id)
-            slot, prompt, steps = await _start_chat(svc, plan, caller, owner, f"resp_{request_id}", timer)
-            shell = responses.Shell(slot.request_id, caller.model, req, tr)
-            if plan.stream:
-                first = await until_disconnected(raw, _first_step(steps, timer))
-                events = responses.response_events(
-                    _prepend(first, steps), shell, len(prompt), with_tools, timer
-                )
-                return render.SSEResponse(events, owner.pop_all())
-            results = await until_disconnected(raw, render.collect(_indexed(steps), 1, 1, timer))
-            return JSONResponse(responses.response_body(shell, results[0], with_tools))
+        plan = protocol.chat_plan(tr.chat, svc.limits)
+        return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Responses(req, tr))
     except APIError as exc:
         raise responses.renamed(exc, tr.source) from None
+
+
+async def completion(
+    svc: Services, req: protocol.CompletionRequest, raw: Request, request_id: str
+) -> Response:
+    plan = protocol.completion_plan(req, svc.limits)
+    echo = [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
+    return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Completions(plan, echo, req))
 
 
 async def count_tokens(svc: Services, req: anthropic.CountTokensRequest, raw: Request) -> dict:
@@ -168,27 +125,49 @@ async def count_tokens(svc: Services, req: anthropic.CountTokensRequest, raw: Re
     return {"input_tokens": len(await _encode_chat(svc, plan))}
 
 
-async def _start_chat(
+async def _serve(
     svc: Services,
-    plan: protocol.Plan,
-    caller: Caller,
-    owner: AsyncExitStack,
+    raw: Request,
     request_id: str,
-    timer: RequestTimer,
-) -> tuple[Slot, list[int], AsyncIterator]:
-    """Admit, encode, start generating: the part of a chat request's life every chat-shaped API shares."""
-    trace = timer.trace
-    with trace.phase("admission"):
-        slot = await owner.enter_async_context(
-            svc.admission.slot(plan.sequences, request_id, tenant=caller.tenant, timer=timer)
-        )
-    with trace.phase("template"):
-        prompt = await _encode_chat(svc, plan)
-    (options,) = caller.apply(protocol.sampling_options(plan, [len(prompt)], svc.limits))
-    _reserve_tokens(svc, caller, owner, slot, len(prompt), [options])
-    engine_id = slot.engine_ids[0]
-    steps = slot.track(caller.within(svc.engine.generate(prompt, options, engine_id)), engine_id)
-    return slot, prompt, steps
+    plan: protocol.Plan,
+    model: str,
+    priority: int | None,
+    dialect: _Dialect,
+) -> Response:
+    """One generation request's life, for every API: caller → admit → encode → account → generate → the one
+    stream loop (stream.py) → the API's dialect formats it, as a stream or a body."""
+    caller = _caller(svc, raw, model, priority)
+    timer = RequestTimer(svc.metrics, dialect.route)
+    async with AsyncExitStack() as owner:
+        trace = _trace(svc, raw, caller, timer, owner, request_id)
+        with trace.phase("admission"):
+            slot = await owner.enter_async_context(
+                svc.admission.slot(
+                    plan.sequences,
+                    dialect.prefix + request_id,
+                    engine_requests=len(plan.prompts) or 1,
+                    tenant=caller.tenant,
+                )
+            )
+        with trace.phase("template"):
+            prompts = await _encode_plan(svc, plan)
+        options = caller.apply(protocol.sampling_options(plan, [len(p) for p in prompts], svc.limits))
+        usage = _reserve_tokens(svc, caller, owner, Usage(sum(len(p) for p in prompts)), options)
+        steps = slot.track(caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids)))
+        stream = Stream(steps, plan.n, usage, timer, plan.tool_choice is not None, buffered=not plan.stream)
+        if plan.stream:
+            await until_disconnected(raw, stream.start())  # a failure before the first token is a plain error
+            return render.SSEResponse(dialect.events(stream, slot.request_id, caller.model), owner.pop_all())
+        answers = await until_disconnected(raw, collect(stream, len(prompts) * plan.n))
+        return dialect.body(stream, answers, slot.request_id, caller.model)
+
+
+async def _encode_plan(svc: Services, plan: protocol.Plan) -> list[list[int]]:
+    if not plan.prompts:  # chat
+        return [await _encode_chat(svc, plan)]
+    return [
+        p if isinstance(p, list) else await _encode(svc.template.encode_text, p, len(p)) for p in plan.prompts
+    ]
 
 
 async def _encode_chat(svc: Services, plan: protocol.Plan) -> list[int]:
@@ -196,49 +175,71 @@ async def _encode_chat(svc: Services, plan: protocol.Plan) -> list[int]:
     return await _encode(lambda messages: svc.template.encode_chat(messages, plan.tools), plan.messages, size)
 
 
-async def completion(
-    svc: Services, req: protocol.CompletionRequest, raw: Request, request_id: str
-) -> Response:
-    limits = svc.limits
-    plan = protocol.completion_plan(req, limits)
-    caller = _caller(svc, raw, req.model, req.priority)
-    timer = RequestTimer(svc.metrics, paths.COMPLETIONS)
-    async with AsyncExitStack() as owner:
-        trace = _trace(svc, raw, caller, timer, owner, request_id)
-        with trace.phase("admission"):
-            slot = await owner.enter_async_context(
-                svc.admission.slot(
-                    plan.sequences,
-                    f"cmpl-{request_id}",
-                    engine_requests=len(plan.prompts),
-                    tenant=caller.tenant,
-                    timer=timer,
-                )
-            )
-        env = render.Envelope(slot.request_id, int(time.time()), caller.model)
-        with trace.phase("template"):
-            prompts = [
-                p if isinstance(p, list) else await _encode(svc.template.encode_text, p, len(p))
-                for p in plan.prompts
-            ]
-        options = caller.apply(protocol.sampling_options(plan, [len(p) for p in prompts], limits))
-        _reserve_tokens(svc, caller, owner, slot, sum(len(p) for p in prompts), options)
-        steps = slot.track(caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids)))
-        echo = (
-            [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
+# --- dialects: what each API adds to the flow (its route, its id prefix, its stream, its body) ----------------------
+
+
+class _Dialect(Protocol):
+    route: str
+    prefix: str
+
+    def events(self, stream: Stream, response_id: str, model: str) -> AsyncIterator[bytes]: ...
+
+    def body(self, stream: Stream, answers: list[Answer], response_id: str, model: str) -> Response: ...
+
+
+class _Chat:
+    route, prefix = paths.CHAT, "chatcmpl-"
+
+    def __init__(self, plan: protocol.Plan) -> None:
+        self.plan = plan
+
+    def events(self, stream: Stream, response_id: str, model: str) -> AsyncIterator[bytes]:
+        env, p = render.Envelope(response_id, int(time.time()), model), self.plan
+        return render.chat_events(stream, env, p.n, p.include_usage, p.continuous_usage)
+
+    def body(self, stream: Stream, answers: list[Answer], response_id: str, model: str) -> Response:
+        return render.chat_body(render.Envelope(response_id, int(time.time()), model), answers, stream.usage)
+
+
+class _Completions:
+    route, prefix = paths.COMPLETIONS, "cmpl-"
+
+    def __init__(self, plan: protocol.Plan, echo: list[str] | None, req: protocol.CompletionRequest) -> None:
+        self.plan, self.echo, self.logprobs = plan, echo, req.logprobs is not None
+
+    def events(self, stream: Stream, response_id: str, model: str) -> AsyncIterator[bytes]:
+        env, p = render.Envelope(response_id, int(time.time()), model), self.plan
+        return render.completion_events(stream, env, p.n, self.echo, p.include_usage, p.continuous_usage)
+
+    def body(self, stream: Stream, answers: list[Answer], response_id: str, model: str) -> Response:
+        env = render.Envelope(response_id, int(time.time()), model)
+        return render.completion_body(
+            env, answers, stream.usage, self.plan.n, self.echo, self.logprobs, stream.prompt_logprobs
         )
-        if plan.stream:
-            counted = render.TokenCount() if plan.continuous_usage else None
-            steps = counted.count(steps) if counted else steps
-            first = await until_disconnected(raw, _first_step(steps, timer))
-            events = render.completion_events(
-                _prepend(first, steps), env, plan.n, echo, plan.include_usage, timer
-            )
-            if counted:
-                events = render.with_running_usage(events, counted, timer, sum(len(p) for p in prompts))
-            return render.SSEResponse(events, owner.pop_all())
-        results = await until_disconnected(raw, render.collect(steps, len(prompts), plan.n, timer))
-        return render.completion_body(env, results, echo, req.logprobs is not None)
+
+
+class _Responses:
+    route, prefix = paths.RESPONSES, "resp_"
+
+    def __init__(self, req: responses.ResponsesRequest, tr: responses.Translation) -> None:
+        self.req, self.tr = req, tr
+
+    def events(self, stream: Stream, response_id: str, model: str) -> AsyncIterator[bytes]:
+        return responses.response_events(stream, responses.Shell(response_id, model, self.req, self.tr))
+
+    def body(self, stream: Stream, answers: list[Answer], response_id: str, model: str) -> Response:
+        shell = responses.Shell(response_id, model, self.req, self.tr)
+        return JSONResponse(responses.response_body(shell, answers[0], stream.usage))
+
+
+class _Messages:
+    route, prefix = paths.MESSAGES, "msg_"
+
+    def events(self, stream: Stream, response_id: str, model: str) -> AsyncIterator[bytes]:
+        return anthropic.message_events(stream, response_id, model)
+
+    def body(self, stream: Stream, answers: list[Answer], response_id: str, model: str) -> Response:
+        return JSONResponse(anthropic.message_body(response_id, model, answers[0], stream.usage))
 
 
 def models(svc: Services) -> dict:
@@ -312,31 +313,28 @@ class Caller:
 
 
 def _reserve_tokens(
-    svc: Services,
-    caller: Caller,
-    owner: AsyncExitStack,
-    slot: Slot,
-    prompt_tokens: int,
-    options: list[SamplingOptions],
-) -> None:
+    svc: Services, caller: Caller, owner: AsyncExitStack, usage: Usage, options: list[SamplingOptions]
+) -> Usage:
     """The key's account: its worst case (prompt + n x max_tokens) is reserved from its tokens per minute now,
     and settled when the request ends, however it ends (completed, failed, past its deadline, aborted by a
-    drain, or left by its client): charged the prompt and what was generated, the rest given back."""
+    drain, or left by its client): charged the prompt and what was generated (`usage`, which the stream loop
+    counts), the rest given back."""
     tenant = caller.tenant
-    worst = prompt_tokens + sum(o.n * o.max_tokens for o in options)
+    worst = usage.prompt_tokens + sum(o.n * o.max_tokens for o in options)
     try:
         reserved = tenant.reserve_tokens(worst, "max_tokens")
     except APIError:
         svc.metrics.key_rate_limited.labels(tenant.name).inc()
         raise
-    owner.callback(_settle, svc.metrics, tenant, reserved, prompt_tokens, slot)
+    owner.callback(_settle, svc.metrics, tenant, reserved, usage)
+    return usage
 
 
-def _settle(metrics: GatewayMetrics, tenant: Tenant, reserved: int, prompt_tokens: int, slot: Slot) -> None:
-    tenant.settle_tokens(reserved, prompt_tokens + slot.generated)
+def _settle(metrics: GatewayMetrics, tenant: Tenant, reserved: int, usage: Usage) -> None:
+    tenant.settle_tokens(reserved, usage.prompt_tokens + usage.completion_tokens)
     metrics.key_requests.labels(tenant.name).inc()
-    metrics.key_prompt_tokens.labels(tenant.name).inc(prompt_tokens)
-    metrics.key_generation_tokens.labels(tenant.name).inc(slot.generated)
+    metrics.key_prompt_tokens.labels(tenant.name).inc(usage.prompt_tokens)
+    metrics.key_generation_tokens.labels(tenant.name).inc(usage.completion_tokens)
 
 
 def _trace(
@@ -447,26 +445,3 @@ async def _encode(encode: Callable[[T], list[int]], value: T, size: int) -> list
     if size > INLINE_TOKENIZE_CHARS:
         return await asyncio.to_thread(encode, value)
     return encode(value)
-
-
-async def _first_step(steps: AsyncIterator[T], timer: RequestTimer) -> T | None:
-    """The engine's first step, before any header is sent: a rejection or failure here is a plain HTTP error."""
-    try:
-        return await anext(steps)
-    except StopAsyncIteration:
-        return None
-    except (RequestAborted, EngineDead, EngineFailed, DeadlineExceeded) as exc:
-        raise render.failure(exc, timer) from exc
-
-
-async def _prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
-    if first is None:
-        return
-    yield first
-    async for item in rest:
-        yield item
-
-
-async def _indexed(steps: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
-    async for step in steps:
-        yield 0, step

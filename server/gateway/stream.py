@@ -1,0 +1,205 @@
+"""The one loop over a request's engine steps, for every API (chat, completions, Responses, Messages), streamed or
+not. It counts the tokens (per request: prompt, generated, found in the prefix cache), maps finish reasons, splits
+tool calls from text (one CallParser per choice), times the tokens, hands the engine's timings to the trace, and
+turns any failure into the one error the client gets. Each API only formats what it yields: render.py (chat,
+completions), responses.py, anthropic.py.
+
+    stream = Stream(steps, n, usage, timer, with_tools)
+    async for deltas in stream:     # one list per engine step: what each choice produced
+        ...                         # format them
+    if stream.failure: ...          # the error frame; otherwise the ending, with `usage`
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.gateway import tools
+from server.gateway.engine import EngineDead, EngineFailed, EngineStep, RequestAborted, TokenLogprob
+from server.gateway.errors import (
+    APIError,
+    DeadlineExceeded,
+    deadline_exceeded,
+    engine_failure,
+    engine_unavailable,
+    shutting_down,
+)
+from server.gateway.metrics import RequestTimer
+
+log = logging.getLogger("dsv2.stream")
+
+
+def finish_reason(reason: str | None, calls: int = 0) -> str | None:
+    """vLLM's finish reasons -> OpenAI's: "repetition" (vLLM's hallucination guard) ends like a stop, and a stop
+    after a tool call is "tool_calls" (a cut by max_tokens stays "length")."""
+    if reason is None or reason == "length":
+        return reason
+    return "tool_calls" if calls else "stop"
+
+
+def failure(exc: BaseException, timer: RequestTimer) -> APIError:
+    """The error a request that failed after admission ends with (an event in a stream, else the body); counted."""
+    if isinstance(exc, RequestAborted):
+        timer.failed("aborted")
+        return shutting_down()
+    if isinstance(exc, EngineDead):
+        timer.failed("engine_dead")
+        return engine_unavailable()
+    if isinstance(exc, DeadlineExceeded):
+        timer.failed("deadline")
+        return deadline_exceeded(exc)
+    if isinstance(exc, APIError):
+        return exc
+    timer.failed("engine_error")
+    if not isinstance(exc, EngineFailed):
+        log.error("request failed", exc_info=exc)
+    else:
+        log.error("engine failed the request: %s", exc)
+    return engine_failure(exc)
+
+
+@dataclass(slots=True)
+class Usage:
+    """A request's tokens so far: its prompts', those generated, and the prompt tokens found in the prefix cache.
+    Also what its key is charged when it ends (serving settles it)."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one choice produced in one engine step."""
+
+    index: int  # the choice's index in the response: prompt index * n + choice
+    text: str  # new text; with tools, "" and the text is in `events`
+    events: list[tools.Event] | None  # with tools: content and tool-call events, in order
+    logprobs: list[TokenLogprob] | None
+    finish: str | None  # OpenAI's finish reason once the choice ended: "stop", "length" or "tool_calls"
+    stop: str | None  # the stop string that ended it, if one did
+
+
+class Stream:
+    """A request's engine steps ((prompt index, step), as generate_many yields them) as lists of Deltas; see the
+    module's docstring. `buffered`: a non-streamed response, timed by the engine's first-token timestamp instead
+    of deliveries."""
+
+    def __init__(
+        self,
+        steps: AsyncIterator[tuple[int, EngineStep]],
+        n: int,
+        usage: Usage,
+        timer: RequestTimer,
+        with_tools: bool = False,
+        buffered: bool = False,
+    ) -> None:
+        self.steps = steps
+        self.n = n
+        self.usage = usage
+        self.timer = timer
+        self.parsers: dict[int, tools.CallParser] | None = {} if with_tools else None
+        self.buffered = buffered
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # per prompt, when asked (echo)
+        self.failure: APIError | None = None
+        self._loop: AsyncIterator[list[Delta]] | None = None
+        self._first: list[Delta] | None = None
+
+    async def start(self) -> None:
+        """Wait for the engine's first step, before a stream's headers are sent: a failure there (the engine
+        refused or failed the request, a drain aborted it) is raised as the plain HTTP error it becomes."""
+        self._loop = self._deltas()
+        self._first = await anext(self._loop, None)
+        if self.failure is not None:
+            raise self.failure
+
+    async def __aiter__(self) -> AsyncIterator[list[Delta]]:
+        loop, self._loop = self._loop or self._deltas(), None
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for deltas in loop:
+            yield deltas
+
+    async def _deltas(self) -> AsyncIterator[list[Delta]]:
+        usage, timer, n = self.usage, self.timer, self.n
+        try:
+            async for p, step in self.steps:
+                if step.cached_tokens:
+                    usage.cached_tokens += step.cached_tokens
+                if step.timings is not None and timer.trace is not None:
+                    timer.trace.engine(step.timings)
+                if step.prompt_logprobs is not None:
+                    self.prompt_logprobs.setdefault(p, step.prompt_logprobs)
+                produced = 0
+                deltas = []
+                for c in step.choices:
+                    if not 0 <= c.index < n:
+                        raise EngineFailed(f"the engine answered with choice {c.index} of {n}")
+                    produced += c.num_tokens
+                    deltas.append(
+                        self._delta(p * n + c.index, c.text, c.logprobs, c.finish_reason, c.stop_sequence)
+                    )
+                usage.completion_tokens += produced
+                if self.buffered:
+                    if produced or step.first_token_time is not None:
+                        timer.first_token_at(step.first_token_time)
+                elif produced:
+                    timer.tokens()
+                yield deltas
+        except Exception as exc:  # drain abort, deadline, engine failure: the one error the client gets
+            self.failure = failure(exc, timer)
+            return
+        timer.done(usage.prompt_tokens, usage.completion_tokens)
+
+    def _delta(
+        self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, stop: str | None
+    ) -> Delta:
+        if self.parsers is None:
+            return Delta(index, text, None, logprobs, finish_reason(finish), stop)
+        parser = self.parsers.get(index)
+        if parser is None:
+            parser = self.parsers[index] = tools.CallParser()
+        events = parser.feed(text)
+        if finish is not None:
+            events += parser.close()
+        return Delta(index, "", events, logprobs, finish_reason(finish, parser.calls), stop)
+
+
+@dataclass
+class Answer:
+    """One choice's whole output, for a non-streamed body: its text and tool calls split once, by the loop."""
+
+    text: str = ""
+    calls: list[tools.ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish: str = "stop"
+    stop: str | None = None
+
+    def add(self, d: Delta) -> None:
+        if d.events is None:
+            self.text += d.text
+        for e in d.events or ():
+            if e.kind == "content":
+                self.text += e.text
+            elif e.kind == "call":
+                self.calls.append(tools.ToolCall(e.call_id, e.name))
+            else:
+                self.calls[-1].arguments += e.text
+        if d.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + d.logprobs
+        if d.finish is not None:
+            self.finish, self.stop = d.finish, d.stop
+
+
+async def collect(stream: Stream, choices: int) -> list[Answer]:
+    """Every choice's whole output; a failure is raised as the APIError the client gets."""
+    answers = [Answer() for _ in range(choices)]
+    async for deltas in stream:
+        for d in deltas:
+            answers[d.index].add(d)
+    if stream.failure is not None:
+        raise stream.failure
+    return answers
