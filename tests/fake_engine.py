@@ -89,6 +89,8 @@ class FakeEngine:
     ) -> AsyncIterator[EngineStep]:
         if self.dead:
             raise EngineDead("fake engine marked dead")
+        if options.temperature < 0:  # as vLLM refuses what its own checks do not allow: a client error
+            raise EngineRejected("temperature must be non-negative", "temperature")
         self.running.add(request_id)
         self.generated.append(request_id)
         self.options.append(options)

@@ -584,6 +584,34 @@ def test_metric_values_move(tiny_lite_dir):
         )  # the same prompt, three requests that reached the engine
 
 
+def test_an_engine_refusal_is_the_clients_400_on_every_api(tiny_lite_dir, monkeypatch):
+    """A request the engine refuses after admission (FakeEngine refuses a negative temperature, as vLLM does what
+    its own checks forbid) is a 400 naming the parameter, streamed or not, and never counts as an engine error."""
+    from server.gateway import protocol
+
+    plain = protocol._options
+
+    def negative(*args, **kwargs):
+        options = plain(*args, **kwargs)
+        options.temperature = -1.0
+        return options
+
+    monkeypatch.setattr(protocol, "_options", negative)
+    with make_client(tiny_lite_dir) as c:
+        for stream in (False, True):
+            for path, body in [
+                ("/v1/chat/completions", CHAT),
+                ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}),
+                ("/v1/responses", {"model": MODEL, "input": "hi"}),
+                ("/v1/messages", {"model": MODEL, "messages": CHAT["messages"], "max_tokens": 4}),
+            ]:
+                r = c.post(path, json={**body, "stream": stream})
+                assert r.status_code == 400 and "temperature" in r.text, (path, stream, r.text)
+        assert (
+            metric(c, "dsv2_request_failures_total", route="/v1/chat/completions", reason="engine_error") == 0
+        )
+
+
 def test_rejections_are_counted_by_reason(tiny_lite_dir):
     engine = FakeEngine(delay=0.2)
     with make_client(tiny_lite_dir, engine=engine, max_inflight_sequences=2) as c:

@@ -17,7 +17,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.gateway import tools
-from server.gateway.engine import EngineDead, EngineFailed, EngineStep, RequestAborted, TokenLogprob
+from server.gateway.engine import (
+    EngineDead,
+    EngineFailed,
+    EngineRejected,
+    EngineStep,
+    RequestAborted,
+    TokenLogprob,
+)
 from server.gateway.errors import (
     APIError,
     DeadlineExceeded,
@@ -52,6 +59,8 @@ def failure(exc: BaseException, timer: RequestTimer) -> APIError:
         return deadline_exceeded(exc)
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineRejected):  # vLLM refused the request as invalid: the client's 400
+        return APIError(str(exc), param=exc.param)
     timer.failed("engine_error")
     if not isinstance(exc, EngineFailed):
         log.error("request failed", exc_info=exc)
