@@ -30,6 +30,28 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 # JSON numbers: an integer is a number, a boolean or a string is not (strict mode).
 Number = float
 
+# The sampling fields chat and completions share, declared once (each request lists them in OpenAI's order).
+Penalty = Annotated[Number | None, Field(ge=-2, le=2)]
+LogitBias = dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None
+Choices = Annotated[int | None, Field(ge=1, le=128)]
+Stop = str | list[str] | None
+Temperature = Annotated[Number | None, Field(ge=0, le=2)]
+TopP = Annotated[Number | None, Field(gt=0, le=1)]
+TopK = Annotated[int | None, Field(ge=-1, description=_TOP_K)]
+MinP = Annotated[Number | None, Field(ge=0, le=1, description=_MIN_P)]
+RepetitionPenalty = Annotated[Number | None, Field(gt=0, le=10, description=_REP)]
+IgnoreEOS = Annotated[bool | None, Field(description=_IGNORE_EOS)]
+MinTokens = Annotated[int | None, Field(ge=0, description=_MIN_TOKENS)]
+Priority = Annotated[
+    int | None,
+    Field(
+        ge=-(2**31),
+        le=2**31 - 1,
+        description="vLLM extra: scheduling priority, lower runs first (needs --scheduling-policy priority); "
+        "default: the API key's.",
+    ),
+]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, protected_namespaces=())
@@ -113,48 +135,42 @@ class StreamOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    frequency_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: Penalty = 0.0
     function_call: Any | None = Field(
         default=None, description="Deprecated by OpenAI: use tool_choice (400)."
     )
     functions: list[dict[str, Any]] | None = Field(
         default=None, description="Deprecated by OpenAI: use tools (400)."
     )
-    logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    logit_bias: LogitBias = None
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(
         default=None, ge=1, description="Deprecated by OpenAI; same as max_completion_tokens."
     )
-    n: int | None = Field(default=1, ge=1, le=128)
+    n: Choices = 1
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
-    presence_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: Penalty = 0.0
     response_format: ResponseFormat | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = Field(default=None, description="Only with `stream: true`.")
-    temperature: Number | None = Field(default=1.0, ge=0, le=2)
+    temperature: Temperature = 1.0
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         default=None, description="Default: auto when tools are given, else none."
     )
     tools: list[Tool] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    top_p: Number | None = Field(default=1.0, gt=0, le=1)
+    top_p: TopP = 1.0
     user: str | None = None
     # vLLM-style extras
-    top_k: int | None = Field(default=None, ge=-1, description=_TOP_K)
-    min_p: Number | None = Field(default=None, ge=0, le=1, description=_MIN_P)
-    repetition_penalty: Number | None = Field(default=None, gt=0, le=10, description=_REP)
-    ignore_eos: bool | None = Field(default=False, description=_IGNORE_EOS)
-    min_tokens: int | None = Field(default=None, ge=0, description=_MIN_TOKENS)
-    priority: int | None = Field(
-        default=None,
-        ge=-(2**31),
-        le=2**31 - 1,
-        description="vLLM extra: scheduling priority, lower runs first (needs --scheduling-policy priority); "
-        "default: the API key's.",
-    )
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
+    ignore_eos: IgnoreEOS = False
+    min_tokens: MinTokens = None
+    priority: Priority = None
 
 
 # --- completions --------------------------------------------------------------------------------------------
@@ -167,33 +183,27 @@ class CompletionRequest(_Strict):
     )
     best_of: int | None = Field(default=None, ge=1, le=128, description="Only best_of == n is supported.")
     echo: bool | None = False
-    frequency_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int | None = Field(default=16, ge=1)
-    n: int | None = Field(default=1, ge=1, le=128)
-    presence_penalty: Number | None = Field(default=0.0, ge=-2, le=2)
+    n: Choices = 1
+    presence_penalty: Penalty = 0.0
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = Field(default=None, description="Only with `stream: true`.")
     suffix: str | None = Field(default=None, description="Not supported (400 if given).")
-    temperature: Number | None = Field(default=1.0, ge=0, le=2)
-    top_p: Number | None = Field(default=1.0, gt=0, le=1)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     user: str | None = None
     # vLLM-style extras
-    top_k: int | None = Field(default=None, ge=-1, description=_TOP_K)
-    min_p: Number | None = Field(default=None, ge=0, le=1, description=_MIN_P)
-    repetition_penalty: Number | None = Field(default=None, gt=0, le=10, description=_REP)
-    ignore_eos: bool | None = Field(default=False, description=_IGNORE_EOS)
-    min_tokens: int | None = Field(default=None, ge=0, description=_MIN_TOKENS)
-    priority: int | None = Field(
-        default=None,
-        ge=-(2**31),
-        le=2**31 - 1,
-        description="vLLM extra: scheduling priority, lower runs first (needs --scheduling-policy priority); "
-        "default: the API key's.",
-    )
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
+    ignore_eos: IgnoreEOS = False
+    min_tokens: MinTokens = None
+    priority: Priority = None
 
 
 # --- request -> plan -> sampling options ----------------------------------------------------------------------
