@@ -55,7 +55,7 @@ class FakeEngine:
         self.running: set[str] = set()
         self.generated: list[str] = []  # request ids, in order
         self.options: list[SamplingOptions] = []  # what each request asked of the sampler
-        self.adapters: dict[str, str] = {}  # LoRA adapters loaded at run time
+        self.adapters: dict[str, str] = {}  # LoRA adapters, as the Engine protocol keeps them
 
     async def start(self) -> None:
         self.started = True

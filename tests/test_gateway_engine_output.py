@@ -118,7 +118,7 @@ class StandInLLM:
 def vllm_engine(outputs: list) -> VLLMEngine:
     eng = VLLMEngine.__new__(VLLMEngine)  # no engine args, no engine core: only generate's own logic
     eng._llm = StandInLLM(outputs)
-    eng._adapters = {}
+    eng._lora_requests = {}
     eng.progress = EngineProgress()
     return eng
 

@@ -316,6 +316,25 @@ def test_serve_refuses_a_bad_lora_module_before_starting_the_engine(tiny_lite_di
     assert "error: --lora-modules: 'sql' is not name=path" in proc.stderr
 
 
+def test_an_adapter_that_does_not_load_stops_the_start(tiny_lite_dir, adapters, tmp_path):
+    """--lora-modules adapters are loaded by the app's start-up through the engine (the one holder of adapter
+    state): one the engine refuses (FakeEngine refuses paths containing "broken") stops the start, naming it, and
+    the engine is shut down."""
+    import shutil
+
+    from server.gateway.engine import EngineRejected
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["sql"], broken)
+    engine = FakeEngine()
+    with pytest.raises(EngineRejected, match="'bad'"):
+        with make_client(
+            tiny_lite_dir, engine=engine, lora_modules=[f"sql={adapters['sql']}", f"bad={broken}"]
+        ):
+            pass
+    assert not engine.started and engine.adapters == {"sql": str(adapters["sql"])}
+
+
 def test_http_runtime_adapters(tiny_lite_dir, adapters):
     engine = FakeEngine()
     with make_client(
@@ -326,7 +345,8 @@ def test_http_runtime_adapters(tiny_lite_dir, adapters):
     ) as c:
         r = c.post("/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": str(adapters["all"])})
         assert r.status_code == 200 and r.text == "Success: LoRA adapter 'new' added successfully."
-        assert engine.adapters == {"new": str(adapters["all"])}
+        # the engine holds every adapter: --lora-modules' (loaded at start-up) and those loaded at run time
+        assert engine.adapters == {"sql": str(adapters["sql"]), "new": str(adapters["all"])}
         card = c.get("/v1/models/new").json()
         assert (card["parent"], card["root"]) == ("tiny", str(adapters["all"]))
         chat = {"model": "new", "messages": [{"role": "user", "content": "hi"}]}
@@ -354,7 +374,7 @@ def test_http_runtime_adapters(tiny_lite_dir, adapters):
         assert "x" not in engine.adapters and c.get("/v1/models/x").status_code == 404
 
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "new"}).status_code == 200
-        assert engine.adapters == {}
+        assert engine.adapters == {"sql": str(adapters["sql"])}
         assert_openai_error(c.post("/v1/chat/completions", json=chat), 404, "model")
         assert_openai_error(c.post("/v1/unload_lora_adapter", json={"lora_name": "new"}), 404, "lora_name")
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 200  # static too

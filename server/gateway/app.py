@@ -60,6 +60,12 @@ def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer 
         app.state.admission = admission
         app.state.health = health
         await eng.start()
+        try:  # a bad --lora-modules adapter stops the start-up with its name, not its first request
+            for name, path in settings.adapters.items():
+                await eng.load_adapter(name, path)
+        except BaseException:
+            await eng.shutdown()
+            raise
         app.state.services = Services(
             settings,
             eng,

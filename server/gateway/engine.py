@@ -135,6 +135,9 @@ class Engine(Protocol):
     max_model_len: int
     progress: EngineProgress
     priority_scheduling: bool  # the engine orders its queue by request priority
+    # The LoRA adapters requests may name (name -> path): the one holder of that state, which everything else
+    # reads; changed only by load_adapter and unload_adapter.
+    adapters: dict[str, str]
 
     async def start(self) -> None: ...
 
@@ -145,7 +148,8 @@ class Engine(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Load a LoRA adapter for requests whose options name it; EngineRejected if it does not load."""
+        """Load a LoRA adapter for requests whose options name it, and list it in `adapters`; EngineRejected if
+        it does not load."""
         ...
 
     async def unload_adapter(self, name: str) -> None:
@@ -265,7 +269,8 @@ class VLLMEngine:
         self._llm = None
         # Parsed now, so that a bad pass-through flag fails before the server starts.
         self.args = build_engine_args(settings)
-        self._adapters: dict[str, Any] = {}  # name -> vLLM LoRARequest
+        self.adapters: dict[str, str] = {}
+        self._lora_requests: dict[str, Any] = {}  # name -> vLLM LoRARequest, for each name in `adapters`
         self._lora_ids = 0  # vLLM's LoRA ids start at 1 and are never reused
 
     async def start(self) -> None:
@@ -288,37 +293,31 @@ class VLLMEngine:
         )
         self.max_model_len = self._llm.model_config.max_model_len
         self.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
-        try:
-            for name, path in self.settings.adapters.items():
-                await self._add_lora(name, os.path.expanduser(path))
-        except BaseException:
-            await self.shutdown()
-            raise
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
 
-    async def _add_lora(self, name: str, path: str) -> None:
-        """Load an adapter into the engine under a new id. The --lora-modules ones are loaded at start, so a
-        bad one stops the start-up with its name rather than failing its first request."""
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load an adapter into the engine under a new id (vLLM's ids are never reused)."""
         from vllm.lora.request import LoRARequest
 
+        if self._llm is None or self._llm.errored:
+            raise EngineDead("engine is not running")
         self._lora_ids += 1
-        request = LoRARequest(name, self._lora_ids, path, base_model_name=self.settings.model_name)
+        request = LoRARequest(
+            name, self._lora_ids, os.path.expanduser(path), base_model_name=self.settings.model_name
+        )
         try:
             await self._llm.add_lora(request)
         except Exception as exc:
             raise EngineRejected(f"LoRA adapter {name!r} ({path}) did not load: {exc}", "lora_path") from exc
-        self._adapters[name] = request
+        self._lora_requests[name] = request
+        self.adapters[name] = path
         log.info("LoRA adapter %r loaded from %s", name, path)
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        if self._llm is None or self._llm.errored:
-            raise EngineDead("engine is not running")
-        await self._add_lora(name, path)
 
     async def unload_adapter(self, name: str) -> None:
         # Only forgotten here, as vLLM's own server does: the engine evicts it from its LoRA slots when it
         # needs them, and requests running with it finish.
-        self._adapters.pop(name, None)
+        self.adapters.pop(name, None)
+        self._lora_requests.pop(name, None)
         log.info("LoRA adapter %r unloaded", name)
 
     @property
@@ -352,8 +351,8 @@ class VLLMEngine:
         llm = self._llm
         if llm is None or llm.errored:
             raise EngineDead("engine is not running")
-        lora = self._adapters.get(options.adapter) if options.adapter else None
-        if options.adapter and lora is None:
+        lora = self._lora_requests.get(options.adapter) if options.adapter else None
+        if options.adapter and lora is None:  # unloaded since the request was admitted
             raise EngineRejected(f"the LoRA adapter {options.adapter!r} was unloaded", "model")
         progress = self.progress
         first = True

@@ -9,6 +9,7 @@ request and the server's `Limits`. Response models document the shapes render.py
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
@@ -213,7 +214,8 @@ class CompletionRequest(_Strict):
 class Limits:
     """What the server allows; the pure functions below decide every 400 against it."""
 
-    model_names: tuple[str, ...]  # names a request may use as `model`
+    base_names: tuple[str, ...]  # the base model's names (served name and aliases)
+    adapters: Mapping[str, str]  # the engine's LoRA adapters (name -> path), read live: names of their own
     max_model_len: int
     vocab_size: int
     max_sequences: int  # per request: min(--max-sequences-per-request, --max-inflight-sequences)
@@ -378,7 +380,7 @@ def sampling_options(plan: Plan, prompt_lens: list[int], limits: Limits) -> list
 
 
 def check_model(model: str, limits: Limits) -> None:
-    if model not in limits.model_names:
+    if model not in limits.base_names and model not in limits.adapters:
         raise APIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
 
 

@@ -10,9 +10,7 @@ when the stream ends.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -59,15 +57,13 @@ class Services:
     tenants: Tenants = field(default_factory=lambda: Tenants([]))
     tracer: Tracer | None = None
     limits: protocol.Limits = field(init=False)
-    # LoRA adapter name -> path: --lora-modules, then those loaded at run time (one load or unload at a time)
-    adapters: dict[str, str] = field(init=False)
-    adapters_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    adapters_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.adapters = dict(s.adapters)
         self.limits = protocol.Limits(
-            model_names=self._model_names(),
+            base_names=s.base_model_names,
+            adapters=self.engine.adapters,
             max_model_len=self.engine.max_model_len,
             vocab_size=len(self.template.tokenizer),
             max_sequences=min(s.max_sequences_per_request, s.max_inflight_sequences),
@@ -75,16 +71,6 @@ class Services:
             force_include_usage=s.force_include_usage,
         )
 
-    def _model_names(self) -> tuple[str, ...]:
-        return (*self.settings.base_model_names, *self.adapters)
-
-    def set_adapter(self, name: str, path: str | None) -> None:
-        """Add (path) or remove (None) a LoRA adapter; requests already admitted keep theirs."""
-        if path is None:
-            self.adapters.pop(name)
-        else:
-            self.adapters[name] = path
-        self.limits = dataclasses.replace(self.limits, model_names=self._model_names())
 
 
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
@@ -244,7 +230,7 @@ class _Messages:
 
 def models(svc: Services) -> dict:
     """The base model's listed names, then each LoRA adapter with the base model as its `parent`."""
-    names = (svc.model_name, *svc.settings.model_aliases, *svc.adapters)
+    names = (svc.model_name, *svc.settings.model_aliases, *svc.engine.adapters)
     return {"object": "list", "data": [_card(svc, name) for name in names]}
 
 
@@ -261,27 +247,25 @@ async def load_adapter(svc: Services, req: protocol.LoadAdapterRequest) -> Respo
     if problem := adapter_dir_problem(path):
         raise APIError(problem, param="lora_path")
     async with svc.adapters_lock:
-        if name in svc.adapters:
+        if name in svc.engine.adapters:
             raise APIError(f"the LoRA adapter {name!r} is already loaded; unload it first", param="lora_name")
-        await svc.engine.load_adapter(name, os.path.expanduser(path))
-        svc.set_adapter(name, path)
+        await svc.engine.load_adapter(name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
 async def unload_adapter(svc: Services, req: protocol.UnloadAdapterRequest) -> Response:
     name = req.lora_name
     async with svc.adapters_lock:
-        if name not in svc.adapters:
+        if name not in svc.engine.adapters:
             raise APIError(
                 f"no LoRA adapter named {name!r} is loaded", 404, param="lora_name", code="model_not_found"
             )
-        svc.set_adapter(name, None)
         await svc.engine.unload_adapter(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def _card(svc: Services, name: str) -> dict:
-    adapter = svc.adapters.get(name)
+    adapter = svc.engine.adapters.get(name)
     root, parent = (adapter, svc.model_name) if adapter is not None else (svc.settings.model, None)
     return render.model_card(name, svc.created, svc.engine.max_model_len, root, parent)
 
@@ -359,7 +343,7 @@ def _trace(
 
 def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Caller:
     tenant: Tenant = getattr(raw.state, "tenant", ANONYMOUS)
-    adapter = model if model in svc.adapters else None
+    adapter = model if model in svc.engine.adapters else None
     # An alias of the base model is the base model to a key's model list; an adapter is only itself.
     if not (tenant.may_use(model) if adapter else tenant.may_use(model, svc.model_name)):
         raise APIError(
