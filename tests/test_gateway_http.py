@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from server.gateway.app import create_app
 from server.settings import Settings
 from tests import openai_schema
-from tests.fake_engine import WORDS, FakeEngine
+from tests.fake_engine import FakeEngine
 
 MODEL = "tiny"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -281,12 +281,13 @@ def test_engine_ids_never_collide_across_requests(tiny_lite_dir):
     """A multi-prompt completion's engine ids are `<id>-<i>`: a client id that makes one of them equal another
     in-flight request's id gets a suffix, so aborting one request (here at its deadline) never aborts the
     other (vLLM aborts every request sharing an external id; FakeEngine does the same)."""
-    engine = FakeEngine(delay=0.05)
+    words = [f" w{i}" for i in range(40)]
+    engine = FakeEngine(delay=0.05, words=words)  # the victim streams for 2 s: the other request runs inside
     with make_client(tiny_lite_dir, engine=engine) as c:
         results = {}
 
         def victim():
-            body = {"model": MODEL, "prompt": "x", "stream": True}
+            body = {"model": MODEL, "prompt": "x", "stream": True, "max_tokens": 40}
             results["victim"] = c.post("/v1/completions", json=body, headers={"X-Request-Id": "req-1"})
 
         thread = threading.Thread(target=victim)
@@ -296,9 +297,10 @@ def test_engine_ids_never_collide_across_requests(tiny_lite_dir):
         body = {"model": MODEL, "prompt": ["a", "b"]}
         r = c.post("/v1/completions", json=body, headers={"X-Request-Id": "req", "X-Request-Timeout": "0.08"})
         assert_openai_error(r, 504)
+        assert "cmpl-req-1" in engine.running, "the victim ended before the other request: nothing was tested"
         thread.join()
         chunks = sse_events(results["victim"].text)
-        assert "".join(ch["choices"][0]["text"] for ch in chunks) == "".join(WORDS)
+        assert "".join(ch["choices"][0]["text"] for ch in chunks) == "".join(words)
         assert "cmpl-req-1" not in engine.aborted
         assert len(engine.generated) == len(set(engine.generated)) == 3, engine.generated
         assert all(rid.startswith("cmpl-req-") for rid in engine.generated)

@@ -72,7 +72,6 @@ class Services:
         )
 
 
-
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
     plan = protocol.chat_plan(req, svc.limits)
     return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Chat(plan))
