@@ -615,7 +615,7 @@ def test_an_engine_refusal_is_the_clients_400_on_every_api(tiny_lite_dir, monkey
 
 
 def test_rejections_are_counted_by_reason(tiny_lite_dir):
-    engine = FakeEngine(delay=0.2)
+    engine = FakeEngine(delay=0.5)  # the request holding the budget runs 3 s: the refusals come inside it
     with make_client(tiny_lite_dir, engine=engine, max_inflight_sequences=2) as c:
         t = threading.Thread(target=lambda: c.post("/v1/chat/completions", json={**CHAT, "n": 2}))
         t.start()
