@@ -6,7 +6,9 @@ engine flags, same load, rounds alternating between targets.
 
 Prints output tok/s, TTFT p50/p99 and inter-token latency p50/p99 per target, and the ratios
 gateway / vLLM-server (tok/s: higher is better, so >= 1.00 is the goal; latencies: vLLM / gateway, so
->= 1.00 also means the gateway is at least as fast).
+>= 1.00 also means the gateway is at least as fast); and the CPU time the serving process spends per streamed
+token (the HTTP front end and vLLM's in-process output handling, the engine core's own process excluded), the
+ceiling of tokens per second one such process implies, and the ratio vLLM / gateway.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Result:
     tokens: int = 0
     wall: float = 0.0
     errors: int = 0
+    cpu: float = 0.0  # CPU seconds of the serving process during the round (HTTP targets)
 
     def merge(self, other: Result) -> None:
         self.ttft += other.ttft
@@ -52,10 +55,21 @@ class Result:
         self.tokens += other.tokens
         self.wall += other.wall
         self.errors += other.errors
+        self.cpu += other.cpu
+
+    @property
+    def cpu_us_per_token(self) -> float:
+        return self.cpu / self.tokens * 1e6 if self.tokens else float("nan")
 
     @property
     def tok_s(self) -> float:
         return self.tokens / self.wall if self.wall else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (its threads included, its child processes not): /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -124,8 +138,11 @@ async def one_http_request(client: httpx.AsyncClient, url: str, prompt: str, max
     return r
 
 
-async def http_round(url: str, concurrency: int, requests: int, max_tokens: int) -> Result:
+async def http_round(
+    url: str, concurrency: int, requests: int, max_tokens: int, pid: int | None = None
+) -> Result:
     total = Result()
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     queue = list(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -138,6 +155,8 @@ async def http_round(url: str, concurrency: int, requests: int, max_tokens: int)
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         total.wall = time.perf_counter() - start
+    if pid:
+        total.cpu = cpu_seconds(pid) - cpu_before
     return total
 
 
@@ -222,6 +241,11 @@ def report(conc: int, results: dict[str, Result]) -> None:
         f"== concurrency {conc}: gateway vs vLLM's server (>= 1.00 means the gateway is at least as good) =="
     )
     print(f"output tok/s        gateway/vllm  {g.tok_s / v.tok_s:5.2f}x")
+    print(
+        f"front-end CPU per streamed token  gateway {g.cpu_us_per_token:6.1f} us ({1e6 / g.cpu_us_per_token:,.0f} "
+        f"tok/s per process)  vLLM server {v.cpu_us_per_token:6.1f} us ({1e6 / v.cpu_us_per_token:,.0f} tok/s)  "
+        f"vllm/gateway {v.cpu_us_per_token / g.cpu_us_per_token:5.2f}x"
+    )
     for label, gx, vx in (
         ("TTFT p50", pct(g.ttft, 50), pct(v.ttft, 50)),
         ("TTFT p99", pct(g.ttft, 99), pct(v.ttft, 99)),
@@ -289,6 +313,7 @@ def main() -> int:
             "/health",
         )  # fmt: skip
         targets = {"gateway": ours_url, "vllm-server": vllm_url}
+        pids = {"gateway": ours.pid, "vllm-server": theirs.pid}
         engine = None if a.no_engine_alone else EngineAlone(a.model, flags)
         names = [*targets, *([] if engine is None else ["engine-alone"])]
         results = {(c, name): Result() for c in a.concurrency for name in names}
@@ -300,7 +325,7 @@ def main() -> int:
                 for rnd in range(a.rounds):
                     order = list(targets.items()) if rnd % 2 == 0 else list(reversed(targets.items()))
                     for name, url in order:
-                        r = await http_round(url, conc, a.requests, a.max_tokens)
+                        r = await http_round(url, conc, a.requests, a.max_tokens, pids[name])
                         print(f"c={conc:<3} round {rnd + 1} {summary(name, r)}", flush=True)
                         results[conc, name].merge(r)
                     if engine is not None:
