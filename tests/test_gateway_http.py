@@ -589,16 +589,16 @@ def test_metric_values_move(tiny_lite_dir):
 def test_an_engine_refusal_is_the_clients_400_on_every_api(tiny_lite_dir, monkeypatch):
     """A request the engine refuses after admission (FakeEngine refuses a negative temperature, as vLLM does what
     its own checks forbid) is a 400 naming the parameter, streamed or not, and never counts as an engine error."""
-    from server.gateway import protocol
+    from server.gateway import plans
 
-    plain = protocol._options
+    plain = plans._options
 
     def negative(*args, **kwargs):
         options = plain(*args, **kwargs)
         options.temperature = -1.0
         return options
 
-    monkeypatch.setattr(protocol, "_options", negative)
+    monkeypatch.setattr(plans, "_options", negative)
     with make_client(tiny_lite_dir) as c:
         for stream in (False, True):
             for path, body in [
@@ -612,6 +612,36 @@ def test_an_engine_refusal_is_the_clients_400_on_every_api(tiny_lite_dir, monkey
         assert (
             metric(c, "dsv2_request_failures_total", route="/v1/chat/completions", reason="engine_error") == 0
         )
+
+
+def test_bodies_are_what_openapi_json_documents(tiny_lite_dir):
+    """Every body and chunk the gateway writes validates against the response models /openapi.json is built from
+    (server/gateway/bodies.py, which forbids undeclared fields), so the documented shapes cannot drift."""
+    from server.gateway import bodies
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    call = ' <tool_call>{"name":"f","arguments":{"a": 1}}</tool_call>'
+    with make_client(tiny_lite_dir, engine=FakeEngine(words=["Hi", call, " there"])) as c:
+        for body in (
+            {**CHAT, "n": 2, "logprobs": True, "top_logprobs": 1},
+            {**CHAT, "tools": tools, "tool_choice": "required"},
+        ):
+            bodies.ChatCompletion.model_validate(c.post("/v1/chat/completions", json=body).json())
+            stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            for chunk in sse_events(c.post("/v1/chat/completions", json=stream).text):
+                bodies.ChatCompletionChunk.model_validate(chunk)
+        completion = {"model": MODEL, "prompt": ["a", "b"], "n": 2, "echo": True, "logprobs": 1}
+        bodies.Completion.model_validate(c.post("/v1/completions", json=completion).json())
+        stream = {**completion, "stream": True, "stream_options": {"include_usage": True}}
+        for chunk in sse_events(c.post("/v1/completions", json=stream).text):
+            bodies.Completion.model_validate(chunk)
+        listed = bodies.ModelList.model_validate(c.get("/v1/models").json())
+        bodies.ModelCard.model_validate(c.get(f"/v1/models/{listed.data[0].id}").json())
+        bodies.ErrorResponse.model_validate(c.post("/v1/chat/completions", json={**CHAT, "n": 1000}).json())
+        bodies.Status.model_validate(c.get("/health").json())
+        bodies.Version.model_validate(c.get("/version").json())
+    with pytest.raises(ValueError):  # and the models do refuse a field they do not declare
+        bodies.Usage.model_validate({"completion_tokens": 1, "prompt_tokens": 1, "total_tokens": 2, "x": 1})
 
 
 def test_rejections_are_counted_by_reason(tiny_lite_dir):

@@ -1,6 +1,6 @@
 """The Anthropic Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`) over the same engine path.
 
-A Messages request is translated into a chat request and planned by protocol.chat_plan, so the template, the
+A Messages request is translated into a chat request and planned by plans.chat_plan, so the template, the
 tool format and its guarantee, admission and metrics are the chat path's, not a second copy. This module
 holds only what differs: Anthropic's request models, the translation, and Anthropic's response shapes and
 stream events. Errors on this path come in Anthropic's shape (errors.py).
@@ -92,7 +92,7 @@ class CountTokensRequest(_Strict):
 
 
 def to_chat(req: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
-    """The chat request that means the same; its validation (protocol.chat_plan) then applies unchanged."""
+    """The chat request that means the same; its validation (plans.chat_plan) then applies unchanged."""
     messages: list[dict] = []
     if req.system:
         messages.append({"role": "system", "content": _text(req.system)})

@@ -3,8 +3,8 @@ envelope (id, object, created, model) built once. The SSE framing of every API l
 content deltas, finish_reason on each choice's last chunk, the usage chunk when asked, an error event on failure,
 `data: [DONE]`; and `named_sse` for the Responses and Anthropic streams.
 
-Chunks are written as compact JSON in OpenAI's field order (the shapes of protocol.ChatCompletionChunk /
-protocol.Completion); this is the per-token hot path, so the part of a chunk that is the same for the whole
+Chunks are written as compact JSON in OpenAI's field order (the shapes of bodies.ChatCompletionChunk /
+bodies.Completion); this is the per-token hot path, so the part of a chunk that is the same for the whole
 stream (id, object, created, model, ...) is encoded once per request and each token adds only its choice.
 """
 

@@ -1,6 +1,6 @@
 """OpenAI's Responses API (`POST /v1/responses`), stateless, over the chat path.
 
-A Responses request is translated into a chat request and planned by protocol.chat_plan, so the template, the
+A Responses request is translated into a chat request and planned by plans.chat_plan, so the template, the
 tool format and its guarantee, structured outputs, admission and metrics are the chat path's. This module holds
 only what differs: the request model, the translation (and naming errors by the Responses parameter, not the
 chat one), the Response object and the typed stream events.
@@ -160,7 +160,7 @@ class Translation:
 
 
 def to_chat(req: ResponsesRequest) -> Translation:
-    """The chat request that means the same; its validation (protocol.chat_plan) then applies unchanged."""
+    """The chat request that means the same; its validation (plans.chat_plan) then applies unchanged."""
     check_unsupported(req)
     messages: list[dict] = []
     source: list[str] = []

@@ -7,7 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server import __version__
-from server.gateway import anthropic, paths, responses, serving
+from server.gateway import anthropic, bodies, paths, responses, serving
 from server.gateway import protocol as p
 from server.gateway.errors import APIError
 from server.gateway.health import Health
@@ -15,7 +15,7 @@ from server.gateway.health import Health
 router = APIRouter()
 
 _ERRORS = {
-    status: {"model": p.ErrorResponse, "description": description}
+    status: {"model": bodies.ErrorResponse, "description": description}
     for status, description in {
         400: "Invalid request (the `param` field names the bad value).",
         401: "Missing or wrong API key.",
@@ -64,12 +64,12 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
-@router.post(paths.CHAT, responses=_stream_response(p.ChatCompletion), response_model=None)
+@router.post(paths.CHAT, responses=_stream_response(bodies.ChatCompletion), response_model=None)
 async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
     return await serving.chat(services(request), body, request, request_id(request))
 
 
-@router.post(paths.COMPLETIONS, responses=_stream_response(p.Completion), response_model=None)
+@router.post(paths.COMPLETIONS, responses=_stream_response(bodies.Completion), response_model=None)
 async def completions(body: p.CompletionRequest, request: Request) -> Response:
     return await serving.completion(services(request), body, request, request_id(request))
 
@@ -102,12 +102,12 @@ async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> 
     return JSONResponse(await serving.count_tokens(services(request), body, request))
 
 
-@router.get(paths.MODELS, response_model=p.ModelList, responses={401: _ERRORS[401]})
+@router.get(paths.MODELS, response_model=bodies.ModelList, responses={401: _ERRORS[401]})
 async def models(request: Request) -> JSONResponse:
     return JSONResponse(serving.models(services(request)))
 
 
-@router.get(paths.MODEL, response_model=p.ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]})
+@router.get(paths.MODEL, response_model=bodies.ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]})
 async def model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(serving.model(services(request), model_id))
 
@@ -129,7 +129,7 @@ async def load_lora_adapter(body: p.LoadAdapterRequest, request: Request) -> Res
 @lora_router.post(
     paths.UNLOAD_LORA,
     response_class=PlainTextResponse,
-    responses={401: _ERRORS[401], 404: {"model": p.ErrorResponse, "description": "No such adapter."}},
+    responses={401: _ERRORS[401], 404: {"model": bodies.ErrorResponse, "description": "No such adapter."}},
     summary="Stop serving a LoRA adapter (requests running with it finish).",
 )
 async def unload_lora_adapter(body: p.UnloadAdapterRequest, request: Request) -> Response:
@@ -142,8 +142,8 @@ def health_of(request: Request) -> Health:
 
 @router.get(
     paths.HEALTH,
-    response_model=p.Status,
-    responses={503: {"model": p.ErrorResponse, "description": "Engine dead or stalled."}},
+    response_model=bodies.Status,
+    responses={503: {"model": bodies.ErrorResponse, "description": "Engine dead or stalled."}},
     summary="Liveness: the engine is alive and, with requests waiting, makes steps.",
 )
 async def health(request: Request) -> JSONResponse:
@@ -155,9 +155,9 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get(
     paths.READY,
-    response_model=p.Status,
+    response_model=bodies.Status,
     responses={
-        503: {"model": p.ErrorResponse, "description": "Not ready: starting, draining, engine failing."}
+        503: {"model": bodies.ErrorResponse, "description": "Not ready: starting, draining, engine failing."}
     },
     summary="Readiness: started, not draining, engine alive, generation proven recently; answers within 1 s.",
 )
@@ -179,7 +179,7 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
-@router.get(paths.VERSION, response_model=p.Version)
+@router.get(paths.VERSION, response_model=bodies.Version)
 async def version() -> JSONResponse:
     try:
         from vllm import __version__ as vllm_version

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from server.gateway import anthropic, paths, protocol, render, responses, tracing
+from server.gateway import anthropic, paths, plans, protocol, render, responses, tracing
 from server.gateway.admission import Admission
 from server.gateway.engine import (
     Engine,
@@ -56,12 +56,12 @@ class Services:
     created: int
     tenants: Tenants = field(default_factory=lambda: Tenants([]))
     tracer: Tracer | None = None
-    limits: protocol.Limits = field(init=False)
+    limits: plans.Limits = field(init=False)
     adapters_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.limits = protocol.Limits(
+        self.limits = plans.Limits(
             base_names=s.base_model_names,
             adapters=self.engine.adapters,
             max_model_len=self.engine.max_model_len,
@@ -73,13 +73,13 @@ class Services:
 
 
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
-    plan = protocol.chat_plan(req, svc.limits)
+    plan = plans.chat_plan(req, svc.limits)
     return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Chat(plan))
 
 
 async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, request_id: str) -> Response:
     """Anthropic's Messages API: the chat flow, in Anthropic's shapes."""
-    plan = protocol.chat_plan(anthropic.to_chat(req), svc.limits)
+    plan = plans.chat_plan(anthropic.to_chat(req), svc.limits)
     return await _serve(svc, raw, request_id, plan, req.model, None, _Messages())
 
 
@@ -89,7 +89,7 @@ async def create_response(
     """OpenAI's Responses API, stateless: the chat flow, in the Response shapes; errors name its parameters."""
     tr = responses.to_chat(req)
     try:
-        plan = protocol.chat_plan(tr.chat, svc.limits)
+        plan = plans.chat_plan(tr.chat, svc.limits)
         return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Responses(req, tr))
     except APIError as exc:
         raise responses.renamed(exc, tr.source) from None
@@ -98,14 +98,14 @@ async def create_response(
 async def completion(
     svc: Services, req: protocol.CompletionRequest, raw: Request, request_id: str
 ) -> Response:
-    plan = protocol.completion_plan(req, svc.limits)
+    plan = plans.completion_plan(req, svc.limits)
     echo = [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
     return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Completions(plan, echo, req))
 
 
 async def count_tokens(svc: Services, req: anthropic.CountTokensRequest, raw: Request) -> dict:
     """The prompt's tokens, as a Messages request would take them; the key may count only for its models."""
-    plan = protocol.chat_plan(anthropic.to_chat(req), svc.limits)
+    plan = plans.chat_plan(anthropic.to_chat(req), svc.limits)
     _caller(svc, raw, req.model, None)
     return {"input_tokens": len(await _encode_chat(svc, plan))}
 
@@ -114,7 +114,7 @@ async def _serve(
     svc: Services,
     raw: Request,
     request_id: str,
-    plan: protocol.Plan,
+    plan: plans.Plan,
     model: str,
     priority: int | None,
     dialect: _Dialect,
@@ -136,7 +136,7 @@ async def _serve(
             )
         with trace.phase("template"):
             prompts = await _encode_plan(svc, plan)
-        options = caller.apply(protocol.sampling_options(plan, [len(p) for p in prompts], svc.limits))
+        options = caller.apply(plans.sampling_options(plan, [len(p) for p in prompts], svc.limits))
         usage = _reserve_tokens(svc, caller, owner, Usage(sum(len(p) for p in prompts)), options)
         steps = slot.track(caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids)))
         stream = Stream(steps, plan.n, usage, timer, plan.tool_choice is not None, buffered=not plan.stream)
@@ -147,7 +147,7 @@ async def _serve(
         return dialect.body(stream, answers, slot.request_id, caller.model)
 
 
-async def _encode_plan(svc: Services, plan: protocol.Plan) -> list[list[int]]:
+async def _encode_plan(svc: Services, plan: plans.Plan) -> list[list[int]]:
     if not plan.prompts:  # chat
         return [await _encode_chat(svc, plan)]
     return [
@@ -155,7 +155,7 @@ async def _encode_plan(svc: Services, plan: protocol.Plan) -> list[list[int]]:
     ]
 
 
-async def _encode_chat(svc: Services, plan: protocol.Plan) -> list[int]:
+async def _encode_chat(svc: Services, plan: plans.Plan) -> list[int]:
     size = sum(len(m["content"]) for m in plan.messages)
     return await _encode(lambda messages: svc.template.encode_chat(messages, plan.tools), plan.messages, size)
 
@@ -175,7 +175,7 @@ class _Dialect(Protocol):
 class _Chat:
     route, prefix = paths.CHAT, "chatcmpl-"
 
-    def __init__(self, plan: protocol.Plan) -> None:
+    def __init__(self, plan: plans.Plan) -> None:
         self.plan = plan
 
     def events(self, stream: Stream, response_id: str, model: str) -> AsyncIterator[bytes]:
@@ -189,7 +189,7 @@ class _Chat:
 class _Completions:
     route, prefix = paths.COMPLETIONS, "cmpl-"
 
-    def __init__(self, plan: protocol.Plan, echo: list[str] | None, req: protocol.CompletionRequest) -> None:
+    def __init__(self, plan: plans.Plan, echo: list[str] | None, req: protocol.CompletionRequest) -> None:
         self.plan, self.echo, self.logprobs = plan, echo, req.logprobs is not None
 
     def events(self, stream: Stream, response_id: str, model: str) -> AsyncIterator[bytes]:
@@ -234,7 +234,7 @@ def models(svc: Services) -> dict:
 
 
 def model(svc: Services, model_id: str) -> dict:
-    protocol.check_model(model_id, svc.limits)
+    plans.check_model(model_id, svc.limits)
     return _card(svc, model_id)
 
 
