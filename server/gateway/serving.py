@@ -1,10 +1,11 @@
-"""chat() and completion(): one request's life, straight down.
+"""One generation request's life, straight down, for every API (chat, completions, Responses, Messages):
 
-    validate (protocol) → admit (admission) → encode (template) → generate (engine) → render
+    plan (plans) → caller (key, model, priority, deadline) → admit (admission) → encode (template)
+    → account (the key's tokens) → generate (engine) → the one stream loop (stream) → the API's dialect
 
 Each function reads top to bottom and hands the request down; nothing below calls back up. A stream outlives
-its handler, so its admission slot is handed to the SSE response (AsyncExitStack.pop_all), which closes it
-when the stream ends.
+its handler, so its exit stack (admission slot, token account, trace) is handed to the SSE response
+(AsyncExitStack.pop_all), which closes it when the stream ends, however it ends.
 """
 
 from __future__ import annotations
