@@ -13,6 +13,7 @@ from server.gateway import render
 from server.gateway.engine import ChoiceDelta, EngineStep, TokenLogprob
 from server.gateway.metrics import GatewayMetrics, RequestTimer
 from server.gateway.stream import Stream, Usage
+from server.gateway.tracing import RequestTrace
 from tests import openai_schema
 
 ENV = render.Envelope('chatcmpl-x"y', 1_700_000_000, "tiny/model")
@@ -66,7 +67,7 @@ async def aiter_steps(steps):
 
 def stream_of(steps, n: int) -> Stream:
     """The one stream loop over `steps` of one 7-token prompt, as serving builds it for a stream."""
-    return Stream(aiter_steps(steps), n, Usage(7), timer())
+    return Stream(aiter_steps(steps), n, Usage(7), timer(), RequestTrace(None, "test", {}, {}))
 
 
 def mapped(reason: str | None) -> str | None:

@@ -8,12 +8,8 @@ vllm:kv_cache_usage_perc, ...) in prometheus_client's default registry, which is
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-if TYPE_CHECKING:
-    from server.gateway.tracing import RequestTrace
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -146,7 +142,6 @@ class RequestTimer:
     __slots__ = (
         "metrics",
         "route",
-        "trace",
         "start",
         "start_wall",
         "last",
@@ -157,7 +152,6 @@ class RequestTimer:
     def __init__(self, metrics: GatewayMetrics, route: str) -> None:
         self.metrics = metrics
         self.route = route
-        self.trace: RequestTrace | None = None
         self.start = time.perf_counter()
         self.start_wall = time.time()
         self.last: float | None = None
@@ -184,11 +178,6 @@ class RequestTimer:
         m.e2e.labels(self.route).observe(time.perf_counter() - self.start)
         m.prompt_tokens.labels(self.route).inc(prompt_tokens)
         m.generation_tokens.labels(self.route).inc(completion_tokens)
-        if self.trace is not None:
-            self.trace.set("gen_ai.usage.input_tokens", prompt_tokens)
-            self.trace.set("gen_ai.usage.output_tokens", completion_tokens)
 
     def failed(self, reason: str) -> None:
         self.metrics.failures.labels(self.route, reason).inc()
-        if self.trace is not None:
-            self.trace.set("dsv2.failure", reason)

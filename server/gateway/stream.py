@@ -4,7 +4,7 @@ tool calls from text (one CallParser per choice), times the tokens, hands the en
 turns any failure into the one error the client gets. Each API only formats what it yields: render.py (chat,
 completions), responses.py, anthropic.py.
 
-    stream = Stream(steps, n, usage, timer, with_tools)
+    stream = Stream(steps, n, usage, timer, trace, with_tools)
     async for deltas in stream:     # one list per engine step: what each choice produced
         ...                         # format them
     if stream.failure: ...          # the error frame; otherwise the ending, with `usage`
@@ -34,6 +34,7 @@ from server.gateway.errors import (
     shutting_down,
 )
 from server.gateway.metrics import RequestTimer
+from server.gateway.tracing import RequestTrace
 
 log = logging.getLogger("dsv2.stream")
 
@@ -46,22 +47,28 @@ def finish_reason(reason: str | None, calls: int = 0) -> str | None:
     return "tool_calls" if calls else "stop"
 
 
-def failure(exc: BaseException, timer: RequestTimer) -> APIError:
-    """The error a request that failed after admission ends with (an event in a stream, else the body); counted."""
+def failure(exc: BaseException, timer: RequestTimer, trace: RequestTrace) -> APIError:
+    """The error a request that failed after admission ends with (an event in a stream, else the body); counted
+    in the metrics and on the request's span."""
+
+    def failed(reason: str) -> None:
+        timer.failed(reason)
+        trace.set("dsv2.failure", reason)
+
     if isinstance(exc, RequestAborted):
-        timer.failed("aborted")
+        failed("aborted")
         return shutting_down()
     if isinstance(exc, EngineDead):
-        timer.failed("engine_dead")
+        failed("engine_dead")
         return engine_unavailable()
     if isinstance(exc, DeadlineExceeded):
-        timer.failed("deadline")
+        failed("deadline")
         return deadline_exceeded(exc)
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, EngineRejected):  # vLLM refused the request as invalid: the client's 400
         return APIError(str(exc), param=exc.param)
-    timer.failed("engine_error")
+    failed("engine_error")
     if not isinstance(exc, EngineFailed):
         log.error("request failed", exc_info=exc)
     else:
@@ -102,6 +109,7 @@ class Stream:
         n: int,
         usage: Usage,
         timer: RequestTimer,
+        trace: RequestTrace,
         with_tools: bool = False,
         buffered: bool = False,
     ) -> None:
@@ -109,6 +117,7 @@ class Stream:
         self.n = n
         self.usage = usage
         self.timer = timer
+        self.trace = trace
         self.parsers: dict[int, tools.CallParser] | None = {} if with_tools else None
         self.buffered = buffered
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # per prompt, when asked (echo)
@@ -133,13 +142,13 @@ class Stream:
             yield deltas
 
     async def _deltas(self) -> AsyncIterator[list[Delta]]:
-        usage, timer, n = self.usage, self.timer, self.n
+        usage, timer, trace, n = self.usage, self.timer, self.trace, self.n
         try:
             async for p, step in self.steps:
                 if step.cached_tokens:
                     usage.cached_tokens += step.cached_tokens
-                if step.timings is not None and timer.trace is not None:
-                    timer.trace.engine(step.timings)
+                if step.timings is not None:
+                    trace.engine(step.timings)
                 if step.prompt_logprobs is not None:
                     self.prompt_logprobs.setdefault(p, step.prompt_logprobs)
                 produced = 0
@@ -159,9 +168,11 @@ class Stream:
                     timer.tokens()
                 yield deltas
         except Exception as exc:  # drain abort, deadline, engine failure: the one error the client gets
-            self.failure = failure(exc, timer)
+            self.failure = failure(exc, timer, trace)
             return
         timer.done(usage.prompt_tokens, usage.completion_tokens)
+        trace.set("gen_ai.usage.input_tokens", usage.prompt_tokens)
+        trace.set("gen_ai.usage.output_tokens", usage.completion_tokens)
 
     def _delta(
         self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, stop: str | None
