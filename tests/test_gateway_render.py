@@ -62,7 +62,7 @@ def run(events) -> list[bytes]:
 
 async def aiter_steps(steps):
     for step in steps:
-        yield 0, step
+        yield step
 
 
 def stream_of(steps, n: int) -> Stream:

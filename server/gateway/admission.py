@@ -2,7 +2,7 @@
 sequences, the engine's real unit of work), of the drain state, and of aborting engine requests left behind.
 
     async with admission.slot(cost=prompts * n, request_id=...) as slot:   # 503 draining, 429 over budget
-        steps = slot.track(generate_many(engine, ..., slot.engine_ids))      # marks each engine request finished
+        steps = slot.track(generate_many(engine, ..., slot.engine_ids))  # marks each engine request finished
         ...
     # on exit: every engine request not finished is aborted (client gone, error), the budget is returned
 
@@ -41,16 +41,14 @@ class Slot:
         # Why the engine side failed (the stream reports it); what is left is aborted with this reason.
         self.failed: str | None = None
 
-    async def track(
-        self, steps: AsyncIterator[tuple[int, EngineStep]]
-    ) -> AsyncIterator[tuple[int, EngineStep]]:
-        """Pass `steps` ((engine request index, step), as generate_many yields them) through, marking engine
+    async def track(self, steps: AsyncIterator[EngineStep]) -> AsyncIterator[EngineStep]:
+        """Pass `steps` (as generate_many yields them, each marked with its prompt) through, marking engine
         requests finished."""
         try:
-            async for i, step in steps:
+            async for step in steps:
                 if step.finished:
-                    self.pending.discard(self.engine_ids[i])
-                yield i, step
+                    self.pending.discard(self.engine_ids[step.prompt])
+                yield step
         except Exception as exc:
             self.failed = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
             raise

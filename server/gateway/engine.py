@@ -109,6 +109,7 @@ class EngineStep:
     first_token_time: float | None = None  # wall clock of the first generated token, once known
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache (first step only)
     timings: EngineTimings | None = None  # on the last step, when the engine keeps request stats
+    prompt: int = 0  # which of a request's prompts this step is of (generate_many sets it)
 
 
 @dataclass
@@ -479,17 +480,25 @@ def _progress_logger_factory(progress: EngineProgress):
     return lambda vllm_config, engine_index=0: ProgressLogger(vllm_config, engine_index)
 
 
-async def generate_many(
+def generate_many(
     engine: Engine,
     prompts: Sequence[list[int]],
     options: Sequence[SamplingOptions],
     request_ids: Sequence[str],
-) -> AsyncIterator[tuple[int, EngineStep]]:
-    """Several prompts' generations interleaved as (prompt index, step); the first failure ends them all."""
+) -> AsyncIterator[EngineStep]:
+    """A request's prompts' generations, interleaved, each step marked with its prompt's index (`prompt`); the
+    first failure ends them all. One prompt is the engine's own generator (no layer on the per-token path)."""
     if len(prompts) == 1:
-        async for step in engine.generate(prompts[0], options[0], request_ids[0]):
-            yield 0, step
-        return
+        return engine.generate(prompts[0], options[0], request_ids[0])
+    return _interleaved(engine, prompts, options, request_ids)
+
+
+async def _interleaved(
+    engine: Engine,
+    prompts: Sequence[list[int]],
+    options: Sequence[SamplingOptions],
+    request_ids: Sequence[str],
+) -> AsyncIterator[EngineStep]:
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 
@@ -511,7 +520,8 @@ async def generate_many(
             elif isinstance(item, Exception):
                 raise item
             else:
-                yield i, item
+                item.prompt = i
+                yield item
     finally:
         for t in tasks:
             t.cancel()

@@ -151,6 +151,7 @@ async def chat_events(
 
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
+    constant = frame.constant if frame.running is None else None
     # The usual chunk (text, no logprobs) is assembled from pre-encoded pieces; anything else goes through chunk().
     heads = [f'{prefix}{{"index":{i},"delta":{{"content":' for i in range(n)]
     async for deltas in stream:
@@ -161,7 +162,7 @@ async def chat_events(
             elif d.logprobs is None and d.text:
                 yield (
                     f'{heads[d.index]}{encode_basestring(d.text)}}},"logprobs":null,'
-                    f'"finish_reason":{_finish_json(d.finish)}}}{frame.suffix()}'
+                    f'"finish_reason":{_finish_json(d.finish)}}}{constant or frame.suffix()}'
                 ).encode()
             elif d.text or d.finish is not None or d.logprobs:
                 yield chunk(d.index, {"content": d.text} if d.text else {}, d.logprobs, d.finish)

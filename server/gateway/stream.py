@@ -99,13 +99,13 @@ class Delta:
 
 
 class Stream:
-    """A request's engine steps ((prompt index, step), as generate_many yields them) as lists of Deltas; see the
+    """A request's engine steps (as generate_many yields them, each marked with its prompt) as lists of Deltas; see the
     module's docstring. `buffered`: a non-streamed response, timed by the engine's first-token timestamp instead
     of deliveries."""
 
     def __init__(
         self,
-        steps: AsyncIterator[tuple[int, EngineStep]],
+        steps: AsyncIterator[EngineStep],
         n: int,
         usage: Usage,
         timer: RequestTimer,
@@ -122,57 +122,55 @@ class Stream:
         self.buffered = buffered
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # per prompt, when asked (echo)
         self.failure: APIError | None = None
-        self._loop: AsyncIterator[list[Delta]] | None = None
-        self._first: list[Delta] | None = None
+        self._first: EngineStep | None = None  # read by start(), handled first by the loop
 
     async def start(self) -> None:
         """Wait for the engine's first step, before a stream's headers are sent: a failure there (the engine
         refused or failed the request, a drain aborted it) is raised as the plain HTTP error it becomes."""
-        self._loop = self._deltas()
-        self._first = await anext(self._loop, None)
-        if self.failure is not None:
-            raise self.failure
+        try:
+            self._first = await anext(self.steps, None)
+        except Exception as exc:
+            raise failure(exc, self.timer, self.trace) from exc
 
     async def __aiter__(self) -> AsyncIterator[list[Delta]]:
-        loop, self._loop = self._loop or self._deltas(), None
-        if self._first is not None:
-            first, self._first = self._first, None
-            yield first
-        async for deltas in loop:
-            yield deltas
-
-    async def _deltas(self) -> AsyncIterator[list[Delta]]:
-        usage, timer, trace, n = self.usage, self.timer, self.trace, self.n
+        """The loop itself: one async generator between the engine's steps and the dialect (the hot path)."""
         try:
-            async for p, step in self.steps:
-                if step.cached_tokens:
-                    usage.cached_tokens += step.cached_tokens
-                if step.timings is not None:
-                    trace.engine(step.timings)
-                if step.prompt_logprobs is not None:
-                    self.prompt_logprobs.setdefault(p, step.prompt_logprobs)
-                produced = 0
-                deltas = []
-                for c in step.choices:
-                    if not 0 <= c.index < n:
-                        raise EngineFailed(f"the engine answered with choice {c.index} of {n}")
-                    produced += c.num_tokens
-                    deltas.append(
-                        self._delta(p * n + c.index, c.text, c.logprobs, c.finish_reason, c.stop_sequence)
-                    )
-                usage.completion_tokens += produced
-                if self.buffered:
-                    if produced or step.first_token_time is not None:
-                        timer.first_token_at(step.first_token_time)
-                elif produced:
-                    timer.tokens()
-                yield deltas
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield self._step(first)
+            async for step in self.steps:
+                yield self._step(step)
         except Exception as exc:  # drain abort, deadline, engine failure: the one error the client gets
-            self.failure = failure(exc, timer, trace)
+            self.failure = failure(exc, self.timer, self.trace)
             return
-        timer.done(usage.prompt_tokens, usage.completion_tokens)
+        usage, trace = self.usage, self.trace
+        self.timer.done(usage.prompt_tokens, usage.completion_tokens)
         trace.set("gen_ai.usage.input_tokens", usage.prompt_tokens)
         trace.set("gen_ai.usage.output_tokens", usage.completion_tokens)
+
+    def _step(self, step: EngineStep) -> list[Delta]:
+        """One engine step: its counts, timings and each choice's Delta."""
+        usage, n, p = self.usage, self.n, step.prompt
+        if step.cached_tokens:
+            usage.cached_tokens += step.cached_tokens
+        if step.timings is not None:
+            self.trace.engine(step.timings)
+        if step.prompt_logprobs is not None:
+            self.prompt_logprobs.setdefault(p, step.prompt_logprobs)
+        produced = 0
+        deltas = []
+        for c in step.choices:
+            if not 0 <= c.index < n:
+                raise EngineFailed(f"the engine answered with choice {c.index} of {n}")
+            produced += c.num_tokens
+            deltas.append(self._delta(p * n + c.index, c.text, c.logprobs, c.finish_reason, c.stop_sequence))
+        usage.completion_tokens += produced
+        if self.buffered:
+            if produced or step.first_token_time is not None:
+                self.timer.first_token_at(step.first_token_time)
+        elif produced:
+            self.timer.tokens()
+        return deltas
 
     def _delta(
         self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, stop: str | None
