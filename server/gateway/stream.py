@@ -99,9 +99,9 @@ class Delta:
 
 
 class Stream:
-    """A request's engine steps (as generate_many yields them, each marked with its prompt) as lists of Deltas; see the
-    module's docstring. `buffered`: a non-streamed response, timed by the engine's first-token timestamp instead
-    of deliveries."""
+    """A request's engine steps (as generate_many yields them, each marked with its prompt) as lists of Deltas;
+    see the module's docstring. `buffered`: a non-streamed response, timed by the engine's first-token timestamp
+    instead of deliveries."""
 
     def __init__(
         self,
