@@ -62,13 +62,6 @@ def test_a_call_cut_anywhere_carries_a_prefix_of_its_arguments(cut):
     assert arguments == ARGUMENTS[: min(cut - head, len(ARGUMENTS))]
 
 
-def test_parse_gives_the_same_calls():
-    parsed = tools.parse(CALL[:-5])
-    assert parsed.content == "" and [(c.name, c.arguments) for c in parsed.calls] == [
-        ("get_weather", ARGUMENTS)
-    ]
-
-
 # --- the grammar: tools and a response format together -----------------------------------------------------------
 
 ANSWER = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}

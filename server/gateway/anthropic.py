@@ -260,7 +260,6 @@ class _Blocks:
     def __init__(self) -> None:
         self.index = -1
         self.open: str | None = None  # "text" | "tool_use"
-        self.calls = 0
 
     def add(self, event: tools.Event) -> list[bytes]:
         out: list[bytes] = []
@@ -271,7 +270,6 @@ class _Blocks:
             delta = {"type": "text_delta", "text": event.text}
         elif event.kind == "call":
             out += self.close()
-            self.calls += 1
             block = {"type": "tool_use", "id": _tool_use_id(event.call_id), "name": event.name, "input": {}}
             out.append(self._start(block, "tool_use"))
             return out

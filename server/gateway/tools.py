@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -108,26 +108,6 @@ class ToolCall:
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-@dataclass
-class Parsed:
-    content: str
-    calls: list[ToolCall] = field(default_factory=list)
-
-
-def parse(text: str) -> Parsed:
-    """A whole output -> its text and its calls (what a non-streamed response returns)."""
-    parser = CallParser()
-    content, calls = [], []
-    for event in [*parser.feed(text), *parser.close()]:
-        if event.kind == "content":
-            content.append(event.text)
-        elif event.kind == "call":
-            calls.append(ToolCall(event.call_id, event.name))
-        else:
-            calls[-1].arguments += event.text
-    return Parsed("".join(content), calls)
 
 
 @dataclass
