@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from server.gateway import tools
 from server.gateway.engine import (
+    ChoiceDelta,
     EngineDead,
     EngineFailed,
     EngineRejected,
@@ -163,7 +164,11 @@ class Stream:
             if not 0 <= c.index < n:
                 raise EngineFailed(f"the engine answered with choice {c.index} of {n}")
             produced += c.num_tokens
-            deltas.append(self._delta(p * n + c.index, c.text, c.logprobs, c.finish_reason, c.stop_sequence))
+            if self.parsers is None:  # the per-token path of plain text: no call besides the Delta itself
+                finish = c.finish_reason and finish_reason(c.finish_reason)
+                deltas.append(Delta(p * n + c.index, c.text, None, c.logprobs, finish, c.stop_sequence))
+            else:
+                deltas.append(self._tool_delta(p * n + c.index, c))
         usage.completion_tokens += produced
         if self.buffered:
             if produced or step.first_token_time is not None:
@@ -172,18 +177,16 @@ class Stream:
             self.timer.tokens()
         return deltas
 
-    def _delta(
-        self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, stop: str | None
-    ) -> Delta:
-        if self.parsers is None:
-            return Delta(index, text, None, logprobs, finish_reason(finish), stop)
+    def _tool_delta(self, index: int, c: ChoiceDelta) -> Delta:
+        """With tools: the choice's text through its CallParser, as content and tool-call events."""
         parser = self.parsers.get(index)
         if parser is None:
             parser = self.parsers[index] = tools.CallParser()
-        events = parser.feed(text)
-        if finish is not None:
+        events = parser.feed(c.text)
+        if c.finish_reason is not None:
             events += parser.close()
-        return Delta(index, "", events, logprobs, finish_reason(finish, parser.calls), stop)
+        finish = finish_reason(c.finish_reason, parser.calls)
+        return Delta(index, "", events, c.logprobs, finish, c.stop_sequence)
 
 
 @dataclass
