@@ -16,7 +16,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class ModelSettings(BaseSettings):
+    """What to serve: the model, its names and adapters, and how the engine runs it. `Settings` adds the server's
+    own knobs; fields keep their order across the two (flags and docs list them so)."""
+
     model_config = SettingsConfigDict(env_prefix="DSV2_", extra="ignore", protected_namespaces=())
 
     model: str = Field(
@@ -75,6 +78,58 @@ class Settings(BaseSettings):
     )
     seed: int = Field(default=0, description="Engine random seed.")
     trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
+
+    @field_validator("served_model_name", "hidden_model_aliases", "lora_modules", mode="before")
+    @classmethod
+    def _split_model_lists(cls, v: object) -> object:
+        return split_commas(v)
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _check_lora_modules(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for item in v:
+            name, path = lora_module(item)
+            if name in seen:
+                raise ValueError(f"adapter name {name!r} is given twice")
+            seen.add(name)
+            if problem := adapter_dir_problem(path):
+                raise ValueError(f"{name}: {problem}")
+        return v
+
+    @model_validator(mode="after")
+    def _adapters_apart_from_model_names(self) -> ModelSettings:
+        for name in self.adapters:
+            if name in self.base_model_names:
+                raise ValueError(
+                    f"--lora-modules: the adapter name {name!r} is already a name of the base model"
+                )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name served on /v1/models: the flag, else the last path component of the model."""
+        return self.served_model_name[0] if self.served_model_name else Path(self.model.rstrip("/")).name
+
+    @property
+    def model_aliases(self) -> list[str]:
+        """Names listed on /v1/models after the canonical one."""
+        return self.served_model_name[1:]
+
+    @property
+    def base_model_names(self) -> tuple[str, ...]:
+        """Every name a request may use for the base model: canonical, aliases, hidden aliases, its path."""
+        return (self.model_name, *self.model_aliases, *self.hidden_model_aliases, self.model)
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapter name -> path, in the order given."""
+        return dict(lora_module(item) for item in self.lora_modules)
+
+
+class Settings(ModelSettings):
+    """Every knob of the server: ModelSettings, then the server's own (listening, keys, limits, probes, logs)."""
+
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -176,70 +231,25 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra vLLM engine arguments, as on vLLM's command line."
     )
 
-    @field_validator(
-        "api_keys",
-        "cors_origins",
-        "cors_methods",
-        "cors_headers",
-        "served_model_name",
-        "hidden_model_aliases",
-        "lora_modules",
-        mode="before",
-    )
+    @field_validator("api_keys", "cors_origins", "cors_methods", "cors_headers", mode="before")
     @classmethod
-    def _split_commas(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [part.strip() for part in v.split(",") if part.strip()]
-        if isinstance(v, list):  # repeated or space-separated flag values may each hold a comma list
-            return [
-                part.strip()
-                for item in v
-                for part in ([str(item)] if str(item).lstrip().startswith("{") else str(item).split(","))
-                if part.strip()
-            ]
-        return v
+    def _split_server_lists(cls, v: object) -> object:
+        return split_commas(v)
 
-    @field_validator("lora_modules")
-    @classmethod
-    def _check_lora_modules(cls, v: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for item in v:
-            name, path = lora_module(item)
-            if name in seen:
-                raise ValueError(f"adapter name {name!r} is given twice")
-            seen.add(name)
-            if problem := adapter_dir_problem(path):
-                raise ValueError(f"{name}: {problem}")
-        return v
 
-    @model_validator(mode="after")
-    def _adapters_apart_from_model_names(self) -> Settings:
-        for name in self.adapters:
-            if name in self.base_model_names:
-                raise ValueError(
-                    f"--lora-modules: the adapter name {name!r} is already a name of the base model"
-                )
-        return self
-
-    @property
-    def model_name(self) -> str:
-        """The name served on /v1/models: the flag, else the last path component of the model."""
-        return self.served_model_name[0] if self.served_model_name else Path(self.model.rstrip("/")).name
-
-    @property
-    def model_aliases(self) -> list[str]:
-        """Names listed on /v1/models after the canonical one."""
-        return self.served_model_name[1:]
-
-    @property
-    def base_model_names(self) -> tuple[str, ...]:
-        """Every name a request may use for the base model: canonical, aliases, hidden aliases, its path."""
-        return (self.model_name, *self.model_aliases, *self.hidden_model_aliases, self.model)
-
-    @property
-    def adapters(self) -> dict[str, str]:
-        """LoRA adapter name -> path, in the order given."""
-        return dict(lora_module(item) for item in self.lora_modules)
+def split_commas(v: object) -> object:
+    """A comma-separated flag or variable -> its list; repeated or space-separated flag values may each hold a
+    comma list (a JSON object is one value)."""
+    if isinstance(v, str):
+        return [part.strip() for part in v.split(",") if part.strip()]
+    if isinstance(v, list):
+        return [
+            part.strip()
+            for item in v
+            for part in ([str(item)] if str(item).lstrip().startswith("{") else str(item).split(","))
+            if part.strip()
+        ]
+    return v
 
 
 def lora_module(item: str) -> tuple[str, str]:
