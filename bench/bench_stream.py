@@ -4,7 +4,8 @@ with no engine and no HTTP; this checkout against another commit's gateway, alte
     python bench/bench_stream.py --base 7d5ce34 [--tokens 20000 --rounds 4]
 
 Prints µs per token of each and the ratio base / this checkout (>= 1.00: this checkout is at least as cheap).
-Commits from before the stream loop (stream.py) are driven through their own render.chat_events.
+The steps pass through an admission slot as in serving; commits from before the stream loop (stream.py) are
+driven through their slot's track() and their own render.chat_events.
 """
 
 from __future__ import annotations
@@ -34,16 +35,27 @@ async def steps():
         yield EngineStep(7, [ChoiceDelta(0, " word", 1, None, "stop" if k == N - 1 else None)], k == N - 1)
 
 
+def slot():  # an admission slot as each version builds it (the steps pass through it, as in serving)
+    import inspect
+
+    from server.gateway.admission import Slot
+    from server.gateway.tenants import ANONYMOUS
+
+    extra = [None] * (len(inspect.signature(Slot).parameters) - 4)  # older slots also took the request timer
+    return Slot("x", 1, ["x"], ANONYMOUS, *extra)
+
+
 async def run() -> float:
     env = render.Envelope("chatcmpl-x", 1, "m")
     timer = RequestTimer(GatewayMetrics(), "/v1/chat/completions")
+    s = slot()
     try:
         from server.gateway.stream import Stream, Usage
         from server.gateway.tracing import RequestTrace
-    except ImportError:  # before the stream loop: render consumed the steps itself
-        events = render.chat_events(steps(), env, 1, True, timer)
+    except ImportError:  # before the stream loop: the slot tracked the steps, render consumed them itself
+        events = render.chat_events(s.track(steps(), "x"), env, 1, True, timer)
     else:
-        stream = Stream(steps(), 1, Usage(7), timer, RequestTrace(None, "bench", {}, {}))
+        stream = Stream(steps(), 1, Usage(7), timer, RequestTrace(None, "bench", {}, {}), s)
         events = render.chat_events(stream, env, 1, True)
     start = time.perf_counter()
     async for _ in events:

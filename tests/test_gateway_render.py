@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.gateway import render
+from server.gateway.admission import Slot
 from server.gateway.engine import ChoiceDelta, EngineStep, TokenLogprob
 from server.gateway.metrics import GatewayMetrics, RequestTimer
 from server.gateway.stream import Stream, Usage
+from server.gateway.tenants import ANONYMOUS
 from server.gateway.tracing import RequestTrace
 from tests import openai_schema
 
@@ -67,7 +69,8 @@ async def aiter_steps(steps):
 
 def stream_of(steps, n: int) -> Stream:
     """The one stream loop over `steps` of one 7-token prompt, as serving builds it for a stream."""
-    return Stream(aiter_steps(steps), n, Usage(7), timer(), RequestTrace(None, "test", {}, {}))
+    slot = Slot("chatcmpl-x", n, ["chatcmpl-x"], ANONYMOUS)
+    return Stream(aiter_steps(steps), n, Usage(7), timer(), RequestTrace(None, "test", {}, {}), slot)
 
 
 def mapped(reason: str | None) -> str | None:

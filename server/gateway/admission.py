@@ -2,7 +2,7 @@
 sequences, the engine's real unit of work), of the drain state, and of aborting engine requests left behind.
 
     async with admission.slot(cost=prompts * n, request_id=...) as slot:   # 503 draining, 429 over budget
-        steps = slot.track(generate_many(engine, ..., slot.engine_ids))  # marks each engine request finished
+        stream = Stream(generate_many(engine, ..., slot.engine_ids), ..., slot)  # tells the slot what finished
         ...
     # on exit: every engine request not finished is aborted (client gone, error), the budget is returned
 
@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from server.gateway.engine import Engine, EngineStep
+from server.gateway.engine import Engine
 from server.gateway.errors import APIError, ClientGone, DeadlineExceeded, engine_unavailable, shutting_down
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.tenants import ANONYMOUS, Tenant
@@ -41,17 +41,13 @@ class Slot:
         # Why the engine side failed (the stream reports it); what is left is aborted with this reason.
         self.failed: str | None = None
 
-    async def track(self, steps: AsyncIterator[EngineStep]) -> AsyncIterator[EngineStep]:
-        """Pass `steps` (as generate_many yields them, each marked with its prompt) through, marking engine
-        requests finished."""
-        try:
-            async for step in steps:
-                if step.finished:
-                    self.pending.discard(self.engine_ids[step.prompt])
-                yield step
-        except Exception as exc:
-            self.failed = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
-            raise
+    def finished(self, engine_request: int) -> None:
+        """The engine finished its `engine_request`-th request (the stream loop saw its last step)."""
+        self.pending.discard(self.engine_ids[engine_request])
+
+    def fail(self, exc: BaseException) -> None:
+        """The engine side failed (the stream loop caught it): what is left is aborted with this reason."""
+        self.failed = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
 
 
 class Admission:
@@ -86,7 +82,7 @@ class Admission:
             yield slot
         except (ClientGone, asyncio.CancelledError):
             raise
-        except BaseException:  # a deadline arrives as the 504 it became; track() recorded its reason
+        except BaseException:  # a deadline arrives as the 504 it became; the stream loop recorded its reason
             reason = "error"
             raise
         finally:

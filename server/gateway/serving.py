@@ -139,8 +139,10 @@ async def _serve(
             prompts = await _encode_plan(svc, plan)
         options = caller.apply(plans.sampling_options(plan, [len(p) for p in prompts], svc.limits))
         usage = _reserve_tokens(svc, caller, owner, Usage(sum(len(p) for p in prompts)), options)
-        steps = slot.track(caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids)))
-        stream = Stream(steps, plan.n, usage, timer, trace, plan.tool_choice is not None, not plan.stream)
+        steps = caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids))
+        stream = Stream(
+            steps, plan.n, usage, timer, trace, slot, plan.tool_choice is not None, not plan.stream
+        )
         if plan.stream:
             await until_disconnected(raw, stream.start())  # a failure before the first token is a plain error
             return render.SSEResponse(dialect.events(stream, slot.request_id, caller.model), owner.pop_all())

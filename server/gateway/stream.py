@@ -4,7 +4,7 @@ tool calls from text (one CallParser per choice), times the tokens, hands the en
 turns any failure into the one error the client gets. Each API only formats what it yields: render.py (chat,
 completions), responses.py, anthropic.py.
 
-    stream = Stream(steps, n, usage, timer, trace, with_tools)
+    stream = Stream(steps, n, usage, timer, trace, slot, with_tools)
     async for deltas in stream:     # one list per engine step: what each choice produced
         ...                         # format them
     if stream.failure: ...          # the error frame; otherwise the ending, with `usage`
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.gateway import tools
+from server.gateway.admission import Slot
 from server.gateway.engine import (
     ChoiceDelta,
     EngineDead,
@@ -111,10 +112,12 @@ class Stream:
         usage: Usage,
         timer: RequestTimer,
         trace: RequestTrace,
+        slot: Slot,
         with_tools: bool = False,
         buffered: bool = False,
     ) -> None:
         self.steps = steps
+        self.slot = slot
         self.n = n
         self.usage = usage
         self.timer = timer
@@ -131,6 +134,7 @@ class Stream:
         try:
             self._first = await anext(self.steps, None)
         except Exception as exc:
+            self.slot.fail(exc)
             raise failure(exc, self.timer, self.trace) from exc
 
     async def __aiter__(self) -> AsyncIterator[list[Delta]]:
@@ -142,6 +146,7 @@ class Stream:
             async for step in self.steps:
                 yield self._step(step)
         except Exception as exc:  # drain abort, deadline, engine failure: the one error the client gets
+            self.slot.fail(exc)
             self.failure = failure(exc, self.timer, self.trace)
             return
         usage, trace = self.usage, self.trace
@@ -152,6 +157,8 @@ class Stream:
     def _step(self, step: EngineStep) -> list[Delta]:
         """One engine step: its counts, timings and each choice's Delta."""
         usage, n, p = self.usage, self.n, step.prompt
+        if step.finished:
+            self.slot.finished(p)
         if step.cached_tokens:
             usage.cached_tokens += step.cached_tokens
         if step.timings is not None:
