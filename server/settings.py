@@ -41,8 +41,20 @@ class ModelSettings(BaseSettings):
     )
     allow_runtime_lora_updating: bool = Field(
         default=False,
-        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA API): "
-        "any authorised key may load an adapter from a path the server can read. Turns on vLLM's --enable-lora.",
+        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA API) to "
+        "admin keys, loading from --lora-adapter-dirs. Turns on vLLM's --enable-lora.",
+    )
+    lora_adapter_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Directories (comma-separated) the runtime LoRA API may load adapters from: a lora_path must "
+        "lie inside one of them. Empty: no local path may be loaded at run time.",
+    )
+    allow_lora_hub_ids: bool = Field(
+        default=False,
+        description="Let the runtime LoRA API take a Hugging Face repo id as lora_path (the engine downloads it).",
+    )
+    max_runtime_adapters: int = Field(
+        default=8, ge=0, description="Most LoRA adapters loaded through the runtime API at once (400 above)."
     )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer path or repo id; default: the model's."
@@ -79,7 +91,9 @@ class ModelSettings(BaseSettings):
     seed: int = Field(default=0, description="Engine random seed.")
     trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
 
-    @field_validator("served_model_name", "hidden_model_aliases", "lora_modules", mode="before")
+    @field_validator(
+        "served_model_name", "hidden_model_aliases", "lora_modules", "lora_adapter_dirs", mode="before"
+    )
     @classmethod
     def _split_model_lists(cls, v: object) -> object:
         return split_commas(v)
@@ -134,11 +148,15 @@ class Settings(ModelSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accepted API keys (comma-separated in DSV2_API_KEYS); empty = no auth.",
+        description="Accepted API keys (comma-separated in DSV2_API_KEYS); given but empty stops the start.",
     )
     api_key_file: str | None = Field(
         default=None,
         description="YAML/JSON file of named keys with per-key limits (a mounted Secret); see docs/api.md.",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="Serve without API keys on an address other than loopback (without keys, the start stops).",
     )
     cache_isolation: bool = Field(
         default=True,
@@ -180,6 +198,73 @@ class Settings(ModelSettings):
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body (413 above)."
     )
+    max_stop_sequences: int = Field(
+        default=16,
+        ge=1,
+        description="Most stop strings (`stop`, `stop_sequences`) one request may give (400 above).",
+    )
+    max_stop_length: int = Field(
+        default=256, ge=1, description="Longest stop string, in characters (400 above)."
+    )
+    max_tools: int = Field(default=128, ge=1, description="Most tools one request may give (400 above).")
+    max_tool_description_length: int = Field(
+        default=16384, ge=1, description="Longest tool description, in characters (400 above)."
+    )
+    max_schema_nodes: int = Field(
+        default=10000,
+        ge=1,
+        description="Most subschemas in one request's JSON schemas (tool parameters and response formats, "
+        "counted together; 400 above).",
+    )
+    max_schema_depth: int = Field(
+        default=32, ge=1, description="Deepest nesting of subschemas in a JSON schema (400 above)."
+    )
+    max_schema_properties: int = Field(
+        default=5000, ge=1, description="Most object properties in one request's JSON schemas (400 above)."
+    )
+    max_schema_enum_values: int = Field(
+        default=1000,
+        ge=1,
+        description="Most enum and const values in one request's JSON schemas (400 above).",
+    )
+    max_schema_optional_properties: int = Field(
+        default=512,
+        ge=0,
+        description="Most object properties not listed in their object's `required`, in one request's JSON schemas "
+        "(the engine's grammar compile grows fast with them; 400 above).",
+    )
+    max_schema_pattern_repeat: int = Field(
+        default=1024,
+        ge=1,
+        description="Largest repetition a `pattern` may spell (a{m,n}, nested ones multiplied; 400 above).",
+    )
+    max_schema_branches: int = Field(
+        default=1000,
+        ge=1,
+        description="Most anyOf/oneOf/allOf branches in one request's JSON schemas (400 above).",
+    )
+    stream_send_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="A stream whose client takes no data for this many seconds is aborted and its slot released.",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description="Most open HTTP connections (uvicorn's limit_concurrency); beyond it requests get 503, "
+        "probes and /metrics excepted.",
+    )
+    header_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a client may take to send a request's headers once it has started (slow clients "
+        "are disconnected).",
+    )
+    body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a client may take to send a request's body (408 after).",
+    )
     drain_timeout: float = Field(
         default=30.0,
         ge=0,
@@ -194,7 +279,7 @@ class Settings(ModelSettings):
     liveness_stall_seconds: float = Field(
         default=120.0,
         gt=0,
-        description="/health fails when requests are in flight and the engine has made no step for this long.",
+        description="/health fails when the engine has unfinished requests and has made no step for this long.",
     )
     timeout_keep_alive: int = Field(
         default=75,
@@ -235,6 +320,23 @@ class Settings(ModelSettings):
     @classmethod
     def _split_server_lists(cls, v: object) -> object:
         return split_commas(v)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_given_not_empty(cls, v: object) -> object:
+        # Runs before _split_server_lists (before-validators run last-defined first), on the raw value. The
+        # default ([]) is validated too; a given value is a string (flag, variable) or a list from code, and
+        # one that holds no key (e.g. an empty value in a Secret) would turn auth off.
+        if v != [] and split_commas(v) == []:
+            raise ValueError("given (flag or DSV2_API_KEYS) but holds no key; unset it to serve without keys")
+        return v
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file_given_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("given (flag or DSV2_API_KEY_FILE) but empty; unset it to serve without keys")
+        return v
 
 
 def split_commas(v: object) -> object:
@@ -288,6 +390,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--hidden-model-aliases", {}),
     ("--lora-modules", {"nargs": "+", "action": "extend"}),
     ("--allow-runtime-lora-updating", {"action": "store_const", "const": True}),
+    ("--lora-adapter-dirs", {}),
+    ("--allow-lora-hub-ids", {"action": "store_const", "const": True}),
+    ("--max-runtime-adapters", {"type": int}),
     ("--tokenizer", {}),
     ("--tensor-parallel-size", {"type": int}),
     ("--pipeline-parallel-size", {"type": int}),
@@ -302,6 +407,7 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--port", {"type": int}),
     ("--api-keys", {}),
     ("--api-key-file", {}),
+    ("--allow-unauthenticated", {"action": "store_const", "const": True}),
     ("--max-request-seconds", {"type": float}),
     ("--force-include-usage", {"action": "store_const", "const": True}),
     ("--otlp-traces-endpoint", {}),
@@ -309,6 +415,21 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-sequences-per-request", {"type": int}),
     ("--max-buffered-tokens", {"type": int}),
     ("--max-request-bytes", {"type": int}),
+    ("--max-stop-sequences", {"type": int}),
+    ("--max-stop-length", {"type": int}),
+    ("--max-tools", {"type": int}),
+    ("--max-tool-description-length", {"type": int}),
+    ("--max-schema-nodes", {"type": int}),
+    ("--max-schema-depth", {"type": int}),
+    ("--max-schema-properties", {"type": int}),
+    ("--max-schema-enum-values", {"type": int}),
+    ("--max-schema-optional-properties", {"type": int}),
+    ("--max-schema-pattern-repeat", {"type": int}),
+    ("--max-schema-branches", {"type": int}),
+    ("--stream-send-timeout", {"type": float}),
+    ("--max-connections", {"type": int}),
+    ("--header-timeout", {"type": float}),
+    ("--body-timeout", {"type": float}),
     ("--drain-timeout", {"type": float}),
     ("--readiness-window-seconds", {"type": float}),
     ("--liveness-stall-seconds", {"type": float}),

@@ -53,6 +53,7 @@ class FakeEngine:
         self.priority_scheduling = False
         self.aborted: list[str] = []
         self.running: set[str] = set()
+        self.working: set[str] = set()  # running and not waiting for their consumer: see pending_requests
         self.generated: list[str] = []  # request ids, in order
         self.options: list[SamplingOptions] = []  # what each request asked of the sampler
         self.adapters: dict[str, str] = {}  # LoRA adapters, as the Engine protocol keeps them
@@ -64,6 +65,17 @@ class FakeEngine:
     def is_dead(self) -> bool:
         return self.dead
 
+    @property
+    def pending_requests(self) -> int:
+        """Requests the fake is working on. It makes a step only when its consumer asks for one, so a request
+        waiting at a step its consumer has not taken is not pending: vLLM would have run ahead with it."""
+        return len(self.working)
+
+    def _work(self, request_id: str) -> None:
+        if not self.working:
+            self.progress.busy_since = time.monotonic()
+        self.working.add(request_id)
+
     async def check_health(self) -> None:
         if self.dead:
             raise EngineDead("fake engine marked dead")
@@ -71,6 +83,7 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
         self.running.discard(request_id)
+        self.working.discard(request_id)
 
     async def shutdown(self) -> None:
         self.started = False
@@ -92,6 +105,7 @@ class FakeEngine:
         if options.temperature < 0:  # as vLLM refuses what its own checks do not allow: a client error
             raise EngineRejected("temperature must be non-negative", "temperature")
         self.running.add(request_id)
+        self._work(request_id)
         self.generated.append(request_id)
         self.options.append(options)
         words = [f" t{t}" for t in prompt_token_ids] if self.prompt_words else self.words
@@ -131,6 +145,7 @@ class FakeEngine:
                     now = time.time()
                     first_token = first_token or now
                     timings = EngineTimings(queued, queued, first_token, now) if last else None
+                    self.working.discard(request_id)  # the step waits for its consumer
                     yield EngineStep(
                         len(prompt_token_ids),
                         choices,
@@ -140,9 +155,11 @@ class FakeEngine:
                         cached_tokens=cached,
                         timings=timings,
                     )
+                    self._work(request_id)
                     cached = None  # only on the first step
         finally:
             self.running.discard(request_id)
+            self.working.discard(request_id)
 
 
 def _all_lp(options: SamplingOptions, words: list[str], steps: int) -> list[TokenLogprob] | None:

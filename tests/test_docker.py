@@ -426,6 +426,45 @@ def test_image_env_defaults_are_valid_settings(
     assert settings.host == "0.0.0.0" and settings.port == 8000
 
 
+def _image_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only these DSV2_* variables, as in a container started from the image (or compose)."""
+    for key in list(os.environ):
+        if key.startswith("DSV2_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("DSV2_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DSV2_MODEL", "x")
+
+
+def test_image_says_whether_it_serves_without_keys(
+    dockerfile: Dockerfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On 0.0.0.0 the server starts without keys only with DSV2_ALLOW_UNAUTHENTICATED: the CPU demo image sets
+    it, the CUDA image needs keys (or the setting, given on purpose). A key setting that holds no key stops
+    either."""
+    from server.gateway.app import create_app
+    from server.settings import Settings
+    from tests.fake_engine import FakeEngine
+
+    env = env_of(dockerfile.final)
+    assert "DSV2_ALLOW_UNAUTHENTICATED" in dockerfile.path.read_text(), "the image says which it uses"
+    _image_env(env, monkeypatch)
+    if dockerfile.path.name == "Dockerfile.cpu":
+        assert env.get("DSV2_ALLOW_UNAUTHENTICATED") == "true"
+        create_app(Settings(), engine=FakeEngine())
+    else:
+        assert "DSV2_ALLOW_UNAUTHENTICATED" not in env
+        with pytest.raises(ValueError, match="--allow-unauthenticated"):
+            create_app(Settings(), engine=FakeEngine())
+        monkeypatch.setenv("DSV2_API_KEYS", "sk-a")
+        create_app(Settings(), engine=FakeEngine())
+    for empty in ("", " , "):
+        monkeypatch.setenv("DSV2_API_KEYS", empty)
+        with pytest.raises(ValueError, match="holds no key"):
+            Settings()
+
+
 def test_documented_env_table_covers_every_flag() -> None:
     from server.settings import _FLAGS
 
@@ -650,6 +689,23 @@ def test_compose_gateway_env_is_valid_settings(compose: dict, monkeypatch: pytes
         Settings()
 
 
+def test_compose_gateways_say_they_serve_without_keys(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local setup: both gateways serve without keys on the image's 0.0.0.0 because the file says so, and
+    DSV2_ALLOW_UNAUTHENTICATED=false in the shell makes keys required."""
+    from server.gateway.app import create_app
+    from server.settings import Settings
+    from tests.fake_engine import FakeEngine
+
+    for name in ("gateway", "gateway-cpu"):
+        env = compose["services"][name]["environment"]
+        assert env["DSV2_ALLOW_UNAUTHENTICATED"] == "${DSV2_ALLOW_UNAUTHENTICATED:-true}", name
+        _image_env({**_defaults(env), "DSV2_HOST": "0.0.0.0"}, monkeypatch)
+        create_app(Settings(), engine=FakeEngine())
+        monkeypatch.setenv("DSV2_ALLOW_UNAUTHENTICATED", "false")
+        with pytest.raises(ValueError, match="--allow-unauthenticated"):
+            create_app(Settings(), engine=FakeEngine())
+
+
 def test_compose_locust_targets_the_gateway(compose: dict) -> None:
     locust = compose["services"]["locust"]
     env = _defaults(locust["environment"])
@@ -712,6 +768,8 @@ def test_compose_config_with_compose_itself() -> None:
     assert gateway["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 2
     assert gateway["environment"]["DSV2_QUANTIZATION"] == "awq"
     assert gateway["environment"]["DSV2_API_KEYS"] is None  # unset in the container, not ""
+    for name in ("gateway", "gateway-cpu"):
+        assert services[name]["environment"]["DSV2_ALLOW_UNAUTHENTICATED"] == "true", name
     assert [(p["published"], p["target"]) for p in gateway["ports"]] == [("8000", 8000)]
     assert [(p["published"], p["target"]) for p in services["gateway-cpu"]["ports"]] == [("8001", 8000)]
 

@@ -107,6 +107,10 @@ class StandInLLM:
 
     def __init__(self, outputs: list) -> None:
         self.outputs = outputs
+        self.unfinished = 0
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.unfinished
 
     async def generate(self, prompt, params, request_id, lora_request=None, priority=0):
         for out in self.outputs:
@@ -136,6 +140,15 @@ def test_generate_yields_converted_steps_and_stamps_progress():
     steps = steps_of(eng, SamplingOptions(max_tokens=2))
     assert [s.choices[0].text for s in steps] == ["a", "b"] and steps[-1].finished
     assert eng.progress.last_step > 0 and eng.progress.last_success > 0
+    assert eng.progress.busy_since > 0, "an idle engine given a request is busy from then"
+
+
+def test_a_request_joining_a_busy_engine_keeps_its_busy_since():
+    eng = vllm_engine([output(choice(0, "a", [5], finish_reason="length"), finished=True)])
+    eng._llm.unfinished = 3
+    eng.progress.busy_since = 1.0
+    steps_of(eng, SamplingOptions(max_tokens=1))
+    assert eng.progress.busy_since == 1.0
 
 
 def test_vllm_refusing_the_request_is_the_clients_error():

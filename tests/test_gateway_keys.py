@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 
@@ -262,6 +263,8 @@ def test_key_concurrent_sequences(tiny_lite_dir, tmp_path):
         ("a: same\nb: same\n", "two names"),
         ("- just a list\n", "mapping"),
         ("team: [unclosed\n", "keys.yaml"),
+        ("team:\n  key: a\n  admin: 'yes'\n", "admin must be true or false"),
+        ("team:\n  key: a\n  admin: 1\n", "admin must be true or false"),
     ],
 )
 def test_bad_key_file_refuses_to_start(tiny_lite_dir, tmp_path, text, needle):
@@ -460,3 +463,237 @@ def test_serve_refuses_a_bad_key_file_before_starting_the_engine(tiny_lite_dir, 
         timeout=300,
     )
     assert proc.returncode == 2 and "the same API key is given to two names" in proc.stdout + proc.stderr
+
+
+# --- the runtime LoRA API: admin keys, allowed directories, hub ids, a cap ------------------------------------
+
+
+def fake_adapter(where) -> str:
+    """A directory FakeEngine takes for a LoRA adapter (the gateway checks for adapter_config.json only)."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "adapter_config.json").write_text("{}")
+    return str(where)
+
+
+def load(c: TestClient, name: str, path: str, key: str | None = None):
+    headers = bearer(key) if key else {}
+    return c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, headers=headers)
+
+
+def unload(c: TestClient, name: str, key: str | None = None):
+    return c.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=bearer(key) if key else {})
+
+
+def test_admin_attribute(tmp_path):
+    from server.gateway.tenants import load as load_tenants
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("ops:\n  key: sk-ops\n  admin: true\nteam:\n  key: sk-t\n  admin: false\nplain: sk-p\n")
+    tenants = {t.name: t for t in load_tenants(["sk-flat"], str(path)).tenants}
+    assert {name: t.admin for name, t in tenants.items()} == {
+        "key-1": False,  # flat keys are never admins
+        "ops": True,
+        "team": False,
+        "plain": False,
+    }
+
+
+def test_runtime_lora_api_is_for_admin_keys_only(tiny_lite_dir, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("ops:\n  key: sk-ops\n  admin: true\nteam: sk-team\n")
+    adapter = fake_adapter(tmp_path / "adapters" / "a")
+    engine = FakeEngine()
+    with make_client(
+        tiny_lite_dir,
+        engine=engine,
+        api_keys=["sk-flat"],
+        api_key_file=str(keys),
+        allow_runtime_lora_updating=True,
+        lora_adapter_dirs=[str(tmp_path / "adapters")],
+    ) as c:
+        assert_openai_error(load(c, "a", adapter), 401)
+        for key in ("sk-team", "sk-flat"):
+            for r in (load(c, "a", adapter, key), unload(c, "a", key)):
+                err = assert_openai_error(r, 403, None)
+                assert err["code"] == "admin_key_required" and err["type"] == "invalid_request_error"
+                assert "admin: true" in err["message"]
+        assert engine.adapters == {}
+        assert load(c, "a", adapter, "sk-ops").status_code == 200
+        assert_openai_error(unload(c, "a", "sk-team"), 403, None)
+        assert "a" in engine.adapters
+        # any key may use the adapter, as any model its `models` allows
+        chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/chat/completions", json=chat, headers=bearer("sk-team")).status_code == 200
+        assert unload(c, "a", "sk-ops").status_code == 200
+        assert engine.adapters == {}
+
+
+def test_runtime_lora_api_is_open_without_keys(tiny_lite_dir, tmp_path):
+    adapter = fake_adapter(tmp_path / "adapters" / "a")
+    with make_client(
+        tiny_lite_dir, allow_runtime_lora_updating=True, lora_adapter_dirs=[str(tmp_path / "adapters")]
+    ) as c:
+        assert load(c, "a", adapter).status_code == 200
+        assert unload(c, "a").status_code == 200
+
+
+def test_runtime_lora_path_must_lie_in_lora_adapter_dirs(tiny_lite_dir, tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    inside = fake_adapter(allowed / "good")
+    escaped = fake_adapter(outside / "evil")
+    (allowed / "link-out").symlink_to(outside / "evil", target_is_directory=True)
+    (allowed / "link-in").symlink_to(allowed / "good", target_is_directory=True)
+    (allowed / "dir-link").symlink_to(outside, target_is_directory=True)
+    engine = FakeEngine()
+    with make_client(
+        tiny_lite_dir, engine=engine, allow_runtime_lora_updating=True, lora_adapter_dirs=[str(allowed)]
+    ) as c:
+        for path in (
+            escaped,  # another directory
+            f"{allowed}/../outside/evil",  # `..` out of it
+            str(allowed / "link-out"),  # a symlink out of it
+            str(allowed / "dir-link" / "evil"),  # through a symlinked directory
+            str(tmp_path),  # its parent
+            "/etc",
+        ):
+            err = assert_openai_error(load(c, "x", path), 400, "lora_path")
+            assert "--lora-adapter-dirs" in err["message"], path
+        assert engine.adapters == {}
+        assert load(c, "in", inside).status_code == 200
+        assert load(c, "via-link", str(allowed / "link-in")).status_code == 200  # a symlink that stays inside
+        assert load(c, "dotted", f"{allowed}/x/../good").status_code == 200
+        # the engine loads the resolved path, so the link cannot be swapped after the check
+        assert set(engine.adapters.values()) == {os.path.realpath(inside)}
+        assert_openai_error(load(c, "y", str(allowed / "missing")), 400, "lora_path")  # inside, no adapter
+
+    # no --lora-adapter-dirs: no local path at all
+    with make_client(tiny_lite_dir, engine=FakeEngine(), allow_runtime_lora_updating=True) as c:
+        err = assert_openai_error(load(c, "in", inside), 400, "lora_path")
+        assert "--lora-adapter-dirs" in err["message"]
+
+
+def test_runtime_lora_hub_ids_need_the_flag(tiny_lite_dir):
+    engine = FakeEngine()
+    with make_client(tiny_lite_dir, engine=engine, allow_runtime_lora_updating=True) as c:
+        err = assert_openai_error(load(c, "x", "org/adapter"), 400, "lora_path")
+        assert "--allow-lora-hub-ids" in err["message"]
+    assert engine.adapters == {}
+    with make_client(
+        tiny_lite_dir, engine=engine, allow_runtime_lora_updating=True, allow_lora_hub_ids=True
+    ) as c:
+        assert load(c, "x", "org/adapter").status_code == 200
+        assert engine.adapters == {"x": "org/adapter"}
+        for bad in ("org/../adapter", "not a repo", "a/b/c", "org/adäpter", "org/a\x00b", "/etc\x00"):
+            assert_openai_error(load(c, "y", bad), 400, "lora_path")
+        assert_openai_error(load(c, "y", "org/broken-adapter"), 400, "lora_path")  # the engine refuses it
+        # a local path still has to lie in --lora-adapter-dirs (none here)
+        assert_openai_error(load(c, "y", "/etc"), 400, "lora_path")
+
+
+def test_runtime_adapters_cap(tiny_lite_dir, tmp_path):
+    static = fake_adapter(tmp_path / "static")
+    paths = [fake_adapter(tmp_path / "adapters" / f"a{i}") for i in range(3)]
+    engine = FakeEngine()
+    with make_client(
+        tiny_lite_dir,
+        engine=engine,
+        allow_runtime_lora_updating=True,
+        lora_modules=[f"static={static}"],
+        lora_adapter_dirs=[str(tmp_path)],
+        max_runtime_adapters=2,
+    ) as c:
+        assert load(c, "a0", paths[0]).status_code == 200
+        assert load(c, "a1", paths[1]).status_code == 200  # --lora-modules' adapter does not count
+        err = assert_openai_error(load(c, "a2", paths[2]), 400, None)
+        assert err["code"] == "too_many_adapters" and "--max-runtime-adapters" in err["message"]
+        assert set(engine.adapters) == {"static", "a0", "a1"}
+        # a --lora-modules adapter unloaded and loaded again takes back its own place
+        assert unload(c, "static").status_code == 200
+        assert load(c, "static", static).status_code == 200
+        assert unload(c, "a0").status_code == 200
+        assert load(c, "a2", paths[2]).status_code == 200
+    with make_client(
+        tiny_lite_dir,
+        allow_runtime_lora_updating=True,
+        lora_adapter_dirs=[str(tmp_path)],
+        max_runtime_adapters=0,
+    ) as c:
+        assert_openai_error(load(c, "a0", paths[0]), 400, None)
+
+
+def test_models_show_no_paths(tiny_lite_dir, tmp_path):
+    static = fake_adapter(tmp_path / "static")
+    loaded = fake_adapter(tmp_path / "adapters" / "a")
+    with make_client(
+        tiny_lite_dir,
+        served_model_name=f"{MODEL},deepseek-chat",
+        allow_runtime_lora_updating=True,
+        lora_modules=[f"static={static}"],
+        lora_adapter_dirs=[str(tmp_path)],
+    ) as c:
+        assert load(c, "a", loaded).status_code == 200
+        listed = c.get("/v1/models")
+        cards = {m["id"]: m for m in listed.json()["data"]}
+        assert {name: (m["root"], m["parent"]) for name, m in cards.items()} == {
+            MODEL: (MODEL, None),
+            "deepseek-chat": (MODEL, None),
+            "static": ("static", MODEL),
+            "a": ("a", MODEL),
+        }
+        for text in (listed.text, *(c.get(f"/v1/models/{name}").text for name in cards)):
+            for path in (str(tiny_lite_dir), str(tmp_path), tiny_lite_dir.name, "/"):
+                assert path not in text.replace("\\/", "/"), (path, text)
+
+
+# --- authentication cannot be turned off by accident ----------------------------------------------------------
+
+
+def test_no_keys_off_loopback_needs_allow_unauthenticated(tiny_lite_dir, tmp_path):
+    def app(**settings):
+        return create_app(Settings(model=str(tiny_lite_dir), **settings), engine=FakeEngine())
+
+    for host in ("0.0.0.0", "::", "10.1.2.3", "example.internal"):
+        with pytest.raises(ValueError, match="--allow-unauthenticated"):
+            app(host=host)
+        app(host=host, allow_unauthenticated=True)
+        app(host=host, api_keys=["sk-a"])
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("team: sk-a\n")
+    app(host="0.0.0.0", api_key_file=str(keys))
+    for host in ("127.0.0.1", "::1", "localhost"):
+        app(host=host)
+
+
+def test_serve_without_keys_off_loopback_stops_before_the_engine(tiny_lite_dir):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSV2_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--model", str(tiny_lite_dir), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "--allow-unauthenticated" in out, out
+    assert "starting vLLM engine" not in out and "Traceback" not in out
+
+
+def test_keys_and_lora_rules_are_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    section = doc.split("### Keys and the runtime LoRA API", 1)[1].split("\n## ", 1)[0]
+    for needle in (
+        "admin: true",
+        "--lora-adapter-dirs",
+        "--allow-lora-hub-ids",
+        "--max-runtime-adapters",
+        "admin_key_required",
+        "too_many_adapters",
+    ):
+        assert needle in section, needle
+    auth = doc.split("## Authentication and API keys", 1)[1].split("\n## ", 1)[0]
+    assert "--allow-unauthenticated" in auth and "admin: true" in auth

@@ -13,6 +13,7 @@ test_model_lora.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,8 @@ def server(tiny_lite_dir, adapters, tmp_path_factory):
         "--max-loras", "2",
         "--tensor-parallel-size", "2",
         "--allow-runtime-lora-updating",
+        # every adapter the tests write lies in pytest's base temporary directory
+        "--lora-adapter-dirs", str(adapters["sql"].parent),
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per CPU worker
     )  # fmt: skip
     yield srv
@@ -108,8 +111,9 @@ def test_models_lists_adapters_with_their_parent(server, adapters, tiny_lite_dir
         openai_schema.model_list(listed)
     cards = {m["id"]: m for m in listed["data"]}
     assert list(cards) == [MODEL, "sql", "all"]
-    assert cards[MODEL]["parent"] is None and cards[MODEL]["root"] == str(tiny_lite_dir)
-    assert cards["sql"]["parent"] == MODEL and cards["sql"]["root"] == str(adapters["sql"])
+    assert cards[MODEL]["parent"] is None and cards[MODEL]["root"] == MODEL  # names, never paths
+    assert cards["sql"]["parent"] == MODEL and cards["sql"]["root"] == "sql"
+    assert str(tiny_lite_dir) not in json.dumps(listed) and str(adapters["sql"]) not in json.dumps(listed)
     assert httpx.get(f"{server.url}/v1/models/all").json() == cards["all"]
     # the metric an Inference Extension endpoint picker reads for LoRA affinity (its loraSpec), with its labels
     text = httpx.get(f"{server.url}/metrics").text
@@ -342,13 +346,15 @@ def test_http_runtime_adapters(tiny_lite_dir, adapters):
         engine=engine,
         allow_runtime_lora_updating=True,
         lora_modules=[f"sql={adapters['sql']}"],
+        lora_adapter_dirs=[str(adapters["all"].parent)],
     ) as c:
         r = c.post("/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": str(adapters["all"])})
         assert r.status_code == 200 and r.text == "Success: LoRA adapter 'new' added successfully."
         # the engine holds every adapter: --lora-modules' (loaded at start-up) and those loaded at run time
-        assert engine.adapters == {"sql": str(adapters["sql"]), "new": str(adapters["all"])}
+        # (from their resolved path)
+        assert engine.adapters == {"sql": str(adapters["sql"]), "new": os.path.realpath(adapters["all"])}
         card = c.get("/v1/models/new").json()
-        assert (card["parent"], card["root"]) == ("tiny", str(adapters["all"]))
+        assert (card["parent"], card["root"]) == ("tiny", "new")
         chat = {"model": "new", "messages": [{"role": "user", "content": "hi"}]}
         assert c.post("/v1/chat/completions", json=chat).json()["model"] == "new"
         assert engine.options[-1].adapter == "new"
@@ -366,7 +372,7 @@ def test_http_runtime_adapters(tiny_lite_dir, adapters):
                 {"lora_name": "x", "lora_path": "org/broken-adapter"},
                 400,
                 "lora_path",
-            ),  # the engine refuses it
+            ),  # a hub id, without --allow-lora-hub-ids
             ({"lora_name": "", "lora_path": "a"}, 400, "lora_name"),
             ({"lora_path": "a"}, 400, "lora_name"),
         ]:

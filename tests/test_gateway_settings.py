@@ -66,3 +66,51 @@ def test_bad_engine_flag_exits(tiny_lite_dir):
 
     with pytest.raises(SystemExit):
         build_engine_args(parse(["--model", str(tiny_lite_dir), "--no-such-vllm-flag"]))
+
+
+@pytest.mark.parametrize(
+    "argv,env,needle",
+    [
+        ([], {"DSV2_API_KEYS": ""}, "holds no key"),
+        ([], {"DSV2_API_KEYS": " , "}, "holds no key"),
+        (["--api-keys", ""], {}, "holds no key"),
+        (["--api-key", ","], {}, "holds no key"),
+        (["--api-key-file", ""], {}, "DSV2_API_KEY_FILE"),
+        ([], {"DSV2_API_KEY_FILE": " "}, "DSV2_API_KEY_FILE"),
+    ],
+)
+def test_key_settings_given_but_empty_stop_the_start(monkeypatch, capsys, tiny_lite_dir, argv, env, needle):
+    """An empty value (say, of a Secret) would turn authentication off: it stops the start, in one line."""
+    from pydantic import ValidationError
+
+    from server.__main__ import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match=needle):
+        parse(["--model", str(tiny_lite_dir), *argv])
+    assert main(["serve", "--model", str(tiny_lite_dir), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: --api-key") and needle in err, err
+
+
+def test_no_key_settings_and_auth_flags(monkeypatch, tiny_lite_dir):
+    for key in ("DSV2_API_KEYS", "DSV2_API_KEY_FILE", "DSV2_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(key, raising=False)
+    s = parse(["--model", str(tiny_lite_dir)])
+    assert s.api_keys == [] and s.api_key_file is None and not s.allow_unauthenticated
+    assert parse(["--model", str(tiny_lite_dir), "--allow-unauthenticated"]).allow_unauthenticated
+    monkeypatch.setenv("DSV2_ALLOW_UNAUTHENTICATED", "true")
+    assert parse(["--model", str(tiny_lite_dir)]).allow_unauthenticated
+
+
+def test_runtime_lora_flags(monkeypatch, tiny_lite_dir):
+    s = parse(["--model", str(tiny_lite_dir)])
+    assert s.lora_adapter_dirs == [] and not s.allow_lora_hub_ids and s.max_runtime_adapters == 8
+    s = parse(
+        ["--model", str(tiny_lite_dir), "--lora-adapter-dirs", "/a,/b", "--allow-lora-hub-ids"]
+        + ["--max-runtime-adapters", "2"]
+    )
+    assert s.lora_adapter_dirs == ["/a", "/b"] and s.allow_lora_hub_ids and s.max_runtime_adapters == 2
+    monkeypatch.setenv("DSV2_LORA_ADAPTER_DIRS", "/srv/adapters")
+    assert parse(["--model", str(tiny_lite_dir)]).lora_adapter_dirs == ["/srv/adapters"]

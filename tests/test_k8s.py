@@ -509,6 +509,28 @@ def test_settings_resolve(variant: tuple[str, list[dict]], monkeypatch: pytest.M
         assert settings.quantization == "awq"
 
 
+def test_keys_are_required(variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pods never serve without keys: settings.env says so (overriding the CPU image's demo default), and a
+    Secret value that holds no key, or no Secret value at all, stops the start."""
+    from server.gateway.app import create_app
+    from server.settings import settings_from_args
+    from tests.fake_engine import FakeEngine
+
+    _, docs = variant
+    assert _settings_env(docs)["DSV2_ALLOW_UNAUTHENTICATED"] == "false"
+    settings, _ = _resolve_settings(docs, monkeypatch)
+    assert not settings.allow_unauthenticated
+    ns, extra = _serve_parser()[0].parse_known_args(["serve", *_server(docs).get("args", [])])
+    for empty in ("", " , "):
+        monkeypatch.setenv("DSV2_API_KEYS", empty)
+        with pytest.raises(ValueError, match="holds no key"):
+            settings_from_args(ns, extra)
+    monkeypatch.delenv("DSV2_API_KEYS")
+    monkeypatch.delenv("DSV2_API_KEY_FILE", raising=False)
+    with pytest.raises(ValueError, match="--allow-unauthenticated"):
+        create_app(settings_from_args(ns, extra), engine=FakeEngine())
+
+
 def test_gpu_count_equals_tensor_parallel_size(
     variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -157,6 +157,7 @@ def test_the_alerts_the_issue_asks_for() -> None:
         "DSV2SlowTimeToFirstToken",
         "DSV2KVCacheNearlyFull",
         "DSV2High429Rate",
+        "DSV2EventLoopLag",
     }
     for rule in by_name.values():
         measured(rule["expr"])
@@ -177,6 +178,10 @@ _SERIES = {
     'dsv2_time_to_first_token_seconds_bucket{route="/v1/chat/completions", le="5"}': "0+60x20",
     'dsv2_time_to_first_token_seconds_bucket{route="/v1/chat/completions", le="+Inf"}': "0+60x20",
     'vllm:kv_cache_usage_perc{engine="0", model_name="tiny-dsv2"}': "0.95x20",
+    # Every event-loop sample 0.5-1 s late.
+    'dsv2_event_loop_lag_seconds_bucket{le="0.5"}': "0x20",
+    'dsv2_event_loop_lag_seconds_bucket{le="1.0"}': "0+600x20",
+    'dsv2_event_loop_lag_seconds_bucket{le="+Inf"}': "0+600x20",
 }
 
 
@@ -237,6 +242,7 @@ def _expected(alert: str) -> dict:
     grouped = {
         "DSV2EngineDown": {"job": JOB, "instance": "10.0.0.1:8000", **TARGET_LABELS},
         "DSV2KVCacheNearlyFull": {"namespace": "llm", "pod": TARGET_LABELS["pod"], "model_name": "tiny-dsv2"},
+        "DSV2EventLoopLag": {"namespace": "llm", "pod": TARGET_LABELS["pod"]},
     }.get(alert, {"namespace": "llm", "job": JOB})
     rule = next(r for r in alerts() if r["alert"] == alert)
 
@@ -260,6 +266,7 @@ _VALUES = {
     "DSV2High429Rate": "12%",
     "DSV2SlowTimeToFirstToken": "4.875s",
     "DSV2KVCacheNearlyFull": "95%",
+    "DSV2EventLoopLag": "995ms",
 }
 
 
@@ -284,6 +291,7 @@ def test_dashboard_structure() -> None:
         "kv-cache",
         "429",
         "5xx",
+        "event-loop lag",
     ):
         assert wanted in titles, f"no panel for {wanted}"
     for panel in dash["panels"]:

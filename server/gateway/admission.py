@@ -7,7 +7,8 @@ sequences, the engine's real unit of work), of the drain state, and of aborting 
     # on exit: every engine request not finished is aborted (client gone, error), the budget is returned
 
 A stream outlives its handler: serving hands the slot to the response with AsyncExitStack.pop_all(), and the
-response exits it when the stream ends, however it ends.
+response exits it once the stream is rendered, however it ends: the budget counts engine work, not bytes waiting
+for a client (render.SSEResponse).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from server.gateway.metrics import GatewayMetrics
 from server.gateway.tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger("dsv2.admission")
+
+
+class SlowClient(Exception):
+    """A stream's client took no data for --stream-send-timeout seconds (render.SSEResponse): what the engine
+    still runs for it is aborted, and its slot released."""
 
 
 class Slot:
@@ -59,8 +65,6 @@ class Admission:
         self.slots: dict[str, Slot] = {}
         self.engine_ids: set[str] = set()  # the engine request ids of every slot in `slots`
         self.draining = False
-        # monotonic time the first of the current in-flight requests came; None while idle
-        self.busy_since: float | None = None
         self._aborts: set[asyncio.Task] = set()
 
     @property
@@ -80,6 +84,9 @@ class Admission:
         reason = "client_disconnected"
         try:
             yield slot
+        except SlowClient:
+            reason = "slow_client"
+            raise
         except (ClientGone, asyncio.CancelledError):
             raise
         except BaseException:  # a deadline arrives as the 504 it became; the stream loop recorded its reason
@@ -145,8 +152,6 @@ class Admission:
         slot = Slot(request_id, cost, engine_ids, tenant)
         self.engine_ids.update(engine_ids)
         tenant.sequences += cost
-        if not self.slots:
-            self.busy_since = time.monotonic()
         self.slots[request_id] = slot
         self.sequences += cost
         self._publish()
@@ -157,8 +162,6 @@ class Admission:
             return
         self.sequences -= slot.cost
         slot.tenant.sequences -= slot.cost
-        if not self.slots:
-            self.busy_since = None
         self._publish()
         if not slot.pending:
             self.engine_ids.difference_update(slot.engine_ids)

@@ -9,6 +9,7 @@ stream events. Errors on this path come in Anthropic's shape (errors.py).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,31 @@ def to_chat(req: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:  # e.g. a tool name the chat API does not allow
         raise validation_error(RequestValidationError(exc.errors())) from None
+
+
+# A chat-path parameter -> the Messages API's name for it (in `param` and in the message).
+_CHAT_PARAMS = [
+    (re.compile(r"tools\[(\d+)\]\.function\.parameters"), r"tools[\1].input_schema"),
+    (re.compile(r"tools\[(\d+)\]\.function\."), r"tools[\1]."),
+    (re.compile(r"tool_choice\.function\.name"), "tool_choice.name"),
+    (re.compile(r"(?<![-\w])stop(?![-\w]| string)"), "stop_sequences"),
+    (re.compile(r"max_completion_tokens"), "max_tokens"),
+]
+
+
+def renamed(exc: APIError) -> APIError:
+    """A chat-path error, with the parameter named as the Messages API names it."""
+
+    def rename(text: str) -> str:
+        for pattern, repl in _CHAT_PARAMS:
+            text = pattern.sub(repl, text)
+        return text
+
+    if exc.param is not None:
+        exc.param = rename(exc.param)
+        exc.message = rename(exc.message)
+        exc.args = (exc.message,)
+    return exc
 
 
 def _turn(m: Message) -> list[dict]:

@@ -16,13 +16,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from server import __version__
-from server.gateway import playground
+from server.gateway import connections, playground
 from server.gateway.admission import Admission
 from server.gateway.engine import Engine, VLLMEngine
 from server.gateway.errors import install_handlers
 from server.gateway.health import Health
 from server.gateway.logs import configure_logging
-from server.gateway.metrics import GatewayMetrics
+from server.gateway.metrics import GatewayMetrics, sample_loop_lag
 from server.gateway.middleware import GatewayMiddleware
 from server.gateway.routes import lora_router, router
 from server.gateway.serving import Services
@@ -36,17 +36,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dsv2.app")
 
+# Addresses only this machine reaches: serving there without keys needs no --allow-unauthenticated.
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
 
 def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer | None = None) -> FastAPI:
     """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine), `tracer`
-    to the OTLP exporter of --otlp-traces-endpoint (none: tracing off). ValueError for a bad key file, before
-    anything starts."""
+    to the OTLP exporter of --otlp-traces-endpoint (none: tracing off). ValueError for a bad key file, or for
+    no keys on a non-loopback --host without --allow-unauthenticated, before anything starts."""
     metrics = GatewayMetrics()
     tenants = load_tenants(settings.api_keys, settings.api_key_file)
+    if not tenants.enabled and settings.host not in LOOPBACK and not settings.allow_unauthenticated:
+        raise ValueError(
+            f"no API keys, and --host {settings.host} is not loopback: give keys (--api-keys, "
+            "--api-key-file) or serve without them on purpose with --allow-unauthenticated"
+        )
     tracer = tracer if tracer is not None else tracer_from_settings(settings.otlp_traces_endpoint)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lag = asyncio.get_running_loop().create_task(sample_loop_lag(metrics.loop_lag))
+        try:
+            async with _serving(app):
+                yield
+        finally:
+            lag.cancel()
+
+    @asynccontextmanager
+    async def _serving(app: FastAPI) -> AsyncIterator[None]:
         template = ChatTemplate(settings.tokenizer or settings.model, settings.trust_remote_code)
         eng = engine if engine is not None else VLLMEngine(settings)
         admission = Admission(eng, metrics, settings.max_inflight_sequences)
@@ -110,6 +127,7 @@ def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer 
         tenants=tenants,
         max_request_bytes=settings.max_request_bytes,
         metrics=metrics,
+        body_timeout=settings.body_timeout,
     )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -145,20 +163,10 @@ def run(settings: Settings) -> int:
         return 2
     try:
         app = create_app(settings, engine)
-    except ValueError as exc:  # a bad --api-key-file: say what is wrong, start nothing
+    except ValueError as exc:  # a bad key file, or no keys off loopback: say what is wrong, start nothing
         log.error("%s", exc)
         return 2
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-        timeout_keep_alive=settings.timeout_keep_alive,
-    )
-    server = DrainingServer(config, app, settings.drain_timeout)
+    server = DrainingServer(connections.config(app, settings), app, settings.drain_timeout)
     server.run()
     return 0 if server.started else 1
 

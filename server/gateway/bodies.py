@@ -155,7 +155,7 @@ class ModelCard(_Body):
     object: Literal["model"] = "model"
     owned_by: str
     max_model_len: int
-    root: str = Field(description="The weights: the model's path or repo id, or a LoRA adapter's.")
+    root: str = Field(description="The base model's name, or a LoRA adapter's own name (never a path).")
     parent: str | None = Field(default=None, description="For a LoRA adapter: the base model it adapts.")
 
 

@@ -124,10 +124,12 @@ class EngineTimings:
 
 @dataclass
 class EngineProgress:
-    """When the engine last made a step and last completed a request (time.monotonic(); 0 = never)."""
+    """When the engine last made a step, last completed a request, and last went from no unfinished requests to
+    some (time.monotonic(); 0 = never)."""
 
     last_step: float = 0.0
     last_success: float = 0.0
+    busy_since: float = 0.0
 
 
 class Engine(Protocol):
@@ -163,6 +165,12 @@ class Engine(Protocol):
 
     @property
     def is_dead(self) -> bool: ...
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests the engine was given and has not finished: its own count, which does not wait for anyone to
+        read their outputs (the proof of a stall behind /health and /ready; never a client's socket)."""
+        ...
 
     async def shutdown(self) -> None: ...
 
@@ -325,6 +333,11 @@ class VLLMEngine:
     def is_dead(self) -> bool:
         return self._llm is None or self._llm.errored
 
+    @property
+    def pending_requests(self) -> int:
+        # vLLM's output processor drops a request when the engine core finishes it, read or not.
+        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
     async def check_health(self) -> None:
         if self._llm is None:
             raise EngineDead("engine not started")
@@ -356,6 +369,8 @@ class VLLMEngine:
         if options.adapter and lora is None:  # unloaded since the request was admitted
             raise EngineRejected(f"the LoRA adapter {options.adapter!r} was unloaded", "model")
         progress = self.progress
+        if not llm.get_num_unfinished_requests():
+            progress.busy_since = time.monotonic()
         first = True
         # Only vLLM's own calls are inside the try: its refusal of the request (the sampling parameters, or the
         # request when it is added, before any output) is the client's 400; a failure of ours converting its

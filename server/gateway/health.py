@@ -1,10 +1,15 @@
 """Liveness and readiness, from state the gateway already has; neither ever waits in the engine queue.
 
-    live  = engine alive ∧ not stalled (requests in flight and no engine step for --liveness-stall-seconds)
+    live  = engine alive ∧ not stalled (the engine has unfinished requests and made no step for
+            --liveness-stall-seconds since it had them)
     ready = started ∧ not draining ∧ live ∧ generation proven within --readiness-window-seconds:
             a request completed, or (busy) the engine made a step, or (idle only) a one-token probe succeeded
 
-A probe runs only while no request is in flight, in a task of its own. An idle pod refreshes its proof when half
+Busy and idle are the engine's own (`Engine.pending_requests`), never the gateway's in-flight requests: a stream
+whose client reads slowly, or not at all, is the client's business (render.SSEResponse times it out) and neither
+fails a probe nor keeps the engine "busy" once the engine has finished with it.
+
+A probe runs only while the engine is idle, in a task of its own. An idle pod refreshes its proof when half
 the window has passed, without waiting for it; only when the proof has run out (at startup, or after a long
 silence) does `ready()` wait for a probe, at most PROBE_WAIT_S. So /ready answers within a second at any load.
 """
@@ -42,10 +47,9 @@ class Health:
     def live(self) -> tuple[bool, str]:
         if self.engine.is_dead:
             return False, "engine dead"
-        busy_since = self.admission.busy_since
-        if busy_since is not None:
-            progress_at = max(self.engine.progress.last_step, busy_since)
-            if time.monotonic() - progress_at > self.stall:
+        if self._busy():
+            progress = self.engine.progress
+            if time.monotonic() - max(progress.last_step, progress.busy_since) > self.stall:
                 return False, "engine stalled"
         return True, "ok"
 
@@ -58,10 +62,10 @@ class Health:
         if not ok:
             return False, reason
         if self._proven():
-            if self.admission.idle and self._age() > self.window / 2:
+            if not self._busy() and self._age() > self.window / 2:
                 self._start_probe()  # refresh the proof ahead of time, without waiting for it
             return True, "ok"
-        if not self.admission.idle:
+        if self._busy():
             return False, "no engine progress"
         await asyncio.wait({self._start_probe()}, timeout=PROBE_WAIT_S)
         if self._proven():  # the probe succeeded, or requests came in meanwhile and the engine is stepping
@@ -73,6 +77,11 @@ class Health:
             self._probe = asyncio.get_running_loop().create_task(self._run_probe())
         return self._probe
 
+    def _busy(self) -> bool:
+        """The engine has requests it has not finished (however fast their clients read them) besides a probe."""
+        probing = self._probe is not None and not self._probe.done()
+        return self.engine.pending_requests > int(probing)
+
     def _age(self) -> float:
         """Seconds since generation was last proven by a completed request or probe."""
         return time.monotonic() - max(self.engine.progress.last_success, self._probe_ok_at)
@@ -81,7 +90,8 @@ class Health:
         """Generation proven within the window: a completed request or probe, or (busy) an engine step."""
         if self._age() < self.window:
             return True
-        return not self.admission.idle and time.monotonic() - self.engine.progress.last_step < self.window
+        progress = self.engine.progress
+        return self._busy() and time.monotonic() - max(progress.last_step, progress.busy_since) < self.window
 
     async def _run_probe(self) -> None:
         """One greedy token for a one-token prompt; the engine is idle, so it runs at once."""

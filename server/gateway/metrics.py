@@ -7,6 +7,7 @@ vllm:kv_cache_usage_perc, ...) in prometheus_client's default registry, which is
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -49,6 +50,8 @@ _ITL_BUCKETS = (
     2.5,
     5.0,
 )
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LAG_SAMPLE_EVERY_S = 0.1
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -72,7 +75,8 @@ class GatewayMetrics:
         )
         self.aborted = Counter(
             "dsv2_aborted_requests",
-            "Engine requests the gateway aborted, by reason (client_disconnected, drain_timeout, deadline, error).",
+            "Engine requests the gateway aborted, by reason (client_disconnected, slow_client, drain_timeout, "
+            "deadline, error).",
             ["reason"],
             registry=r,
         )
@@ -98,6 +102,13 @@ class GatewayMetrics:
             "Time between successive streamed token deliveries.",
             ["route"],
             buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "dsv2_event_loop_lag_seconds",
+            f"How late a timer set every {LAG_SAMPLE_EVERY_S} s fires on the gateway's event loop: time the loop "
+            "spent on work that did not yield (everything a request, a stream or a probe waits behind).",
+            buckets=_LAG_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
@@ -181,3 +192,12 @@ class RequestTimer:
 
     def failed(self, reason: str) -> None:
         self.metrics.failures.labels(self.route, reason).inc()
+
+
+async def sample_loop_lag(histogram: Histogram, every: float = LAG_SAMPLE_EVERY_S) -> None:
+    """Forever: sleep `every` seconds and record how much later than asked the loop woke up."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(every)
+        histogram.observe(max(0.0, loop.time() - start - every))

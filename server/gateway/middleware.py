@@ -1,12 +1,13 @@
 """One pure-ASGI middleware for what every request goes through, and only that: its request id, API-key auth
-on /v1/* (the key's tenant, its request rate and x-ratelimit-* headers), the body-size limit, the access log,
-and a 500 (with the request id) for anything unexpected.
+on /v1/* (the key's tenant, its request rate and x-ratelimit-* headers), the body's size limit and read timeout,
+the access log, and a 500 (with the request id) for anything unexpected.
 
 Pure ASGI (not BaseHTTPMiddleware) so streams pass through untouched and client disconnects reach the handler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -42,12 +43,19 @@ def sanitize_request_id(raw: bytes | None) -> str | None:
 
 class GatewayMiddleware:
     def __init__(
-        self, app: ASGIApp, *, tenants: Tenants, max_request_bytes: int, metrics: GatewayMetrics
+        self,
+        app: ASGIApp,
+        *,
+        tenants: Tenants,
+        max_request_bytes: int,
+        metrics: GatewayMetrics,
+        body_timeout: float = 60.0,
     ) -> None:
         self.app = app
         self.tenants = tenants
         self.max_request_bytes = max_request_bytes
         self.metrics = metrics
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,18 +123,31 @@ class GatewayMiddleware:
         return None
 
     def _limited(self, receive: Receive) -> Receive:
-        """Bodies without (or lying about) Content-Length are counted as they arrive."""
+        """The body, as it arrives: counted (bodies without, or lying about, Content-Length) and timed (all of it
+        within body_timeout seconds of the request's headers, else a 408 that closes the connection). What the
+        app receives after the body (the client's disconnect) is not timed."""
         seen = 0
-        limit = self.max_request_bytes
+        limit, timeout = self.max_request_bytes, self.body_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        complete = False
 
         async def wrapped() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # Starlette's HTTPException passes FastAPI's body parsing untouched; errors.py shapes it.
+                raise HTTPException(
+                    408, f"request body not received within {timeout:g} s", headers={"Connection": "close"}
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    # Starlette's HTTPException passes FastAPI's body parsing untouched; errors.py shapes it.
                     raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+                complete = not message.get("more_body", False)
             return message
 
         return wrapped

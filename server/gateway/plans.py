@@ -15,6 +15,7 @@ from typing import Any
 from server.gateway.engine import SamplingOptions
 from server.gateway.errors import APIError
 from server.gateway.protocol import ChatCompletionRequest, CompletionRequest, Tool
+from server.gateway.schemas import SchemaBudget, SchemaLimits
 from server.gateway.template import normalize_messages
 from server.gateway.tools import json_tag, structural_tag
 
@@ -29,6 +30,11 @@ class Limits:
     vocab_size: int
     max_sequences: int  # per request: min(--max-sequences-per-request, --max-inflight-sequences)
     max_buffered_tokens: int
+    schemas: SchemaLimits  # the JSON schemas (tool parameters, response format) one request may carry
+    max_stop_sequences: int = 16
+    max_stop_length: int = 256  # characters
+    max_tools: int = 128
+    max_tool_description_length: int = 16384  # characters
     force_include_usage: bool = False  # every stream ends with usage, whatever the request asks
 
 
@@ -64,12 +70,13 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
     n = req.n or 1
     _check_sequences(n, "n", limits)
-    tools = _tools(req.tools)
+    budget = SchemaBudget(limits.schemas)
+    tools = _tools(req.tools, budget, limits)
     choice = _tool_choice(req, tools)
     messages = normalize_messages(req.messages)
-    options = _options(req, n, limits.vocab_size)
+    options = _options(req, n, limits)
     options.logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    answer = _response_format(req)
+    answer = _response_format(req, budget)
     if choice is not None:
         options.structural_tag = structural_tag(tools, choice, req.parallel_tool_calls is not False, answer)
     elif answer is not None:
@@ -91,14 +98,29 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
     )
 
 
-def _tools(tools: list[Tool] | None) -> list[dict]:
-    """Request tools -> {"name", "description", "parameters"}; 400 for a schema that is not one."""
+def _tools(tools: list[Tool] | None, budget: SchemaBudget, limits: Limits) -> list[dict]:
+    """Request tools -> {"name", "description", "parameters"}; 400 for too many, a description too long, or a
+    schema that is not one (or takes the request over its schema budget)."""
+    tools = tools or []
+    if len(tools) > limits.max_tools:
+        raise APIError(
+            f"tools has {len(tools)} tools; this server allows at most {limits.max_tools} (--max-tools)",
+            param="tools",
+            code="too_many_tools",
+        )
     out: list[dict] = []
-    for i, tool in enumerate(tools or []):
+    for i, tool in enumerate(tools):
         fn = tool.function
+        if fn.description is not None and len(fn.description) > limits.max_tool_description_length:
+            raise APIError(
+                f"tools[{i}].function.description has {len(fn.description)} characters; this server allows at "
+                f"most {limits.max_tool_description_length} (--max-tool-description-length)",
+                param=f"tools[{i}].function.description",
+                code="string_above_max_length",
+            )
         param = f"tools[{i}].function.parameters"
         parameters = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
-        _check_schema(parameters, param)
+        budget.check(parameters, param)
         if parameters.get("type") != "object":
             raise APIError(f"{param} must be a JSON schema of type object", param=param)
         if any(t["name"] == fn.name for t in out):
@@ -140,7 +162,7 @@ def completion_plan(req: CompletionRequest, limits: Limits) -> Plan:
         )
     prompts = _prompt_list(req.prompt, limits.vocab_size)
     _check_sequences(len(prompts) * n, "prompt" if len(prompts) > 1 else "n", limits)
-    options = _options(req, n, limits.vocab_size)
+    options = _options(req, n, limits)
     echo = bool(req.echo)
     options.logprobs = req.logprobs
     options.prompt_logprobs = req.logprobs if (echo and req.logprobs is not None) else None
@@ -240,8 +262,15 @@ def _context_budget(prompt_len: int, requested: int | None, param: str, limit: i
     return requested
 
 
-def _options(req: ChatCompletionRequest | CompletionRequest, n: int, vocab_size: int) -> SamplingOptions:
+def _options(req: ChatCompletionRequest | CompletionRequest, n: int, limits: Limits) -> SamplingOptions:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    _check_stop(stop, limits)
+    vocab_size = limits.vocab_size
+    if req.top_k is not None and req.top_k > vocab_size:
+        raise APIError(
+            f"top_k must be -1 or 0 (all tokens) or at most the vocabulary size ({vocab_size}); got {req.top_k}",
+            param="top_k",
+        )
     return SamplingOptions(
         max_tokens=0,  # decided per prompt by sampling_options()
         n=n,
@@ -259,6 +288,24 @@ def _options(req: ChatCompletionRequest | CompletionRequest, n: int, vocab_size:
         min_tokens=req.min_tokens or 0,
         stream=bool(req.stream),
     )
+
+
+def _check_stop(stop: list[str], limits: Limits) -> None:
+    if len(stop) > limits.max_stop_sequences:
+        raise APIError(
+            f"stop has {len(stop)} strings; this server allows at most {limits.max_stop_sequences} "
+            "(--max-stop-sequences)",
+            param="stop",
+            code="too_many_stop_sequences",
+        )
+    for s in stop:
+        if len(s) > limits.max_stop_length:
+            raise APIError(
+                f"a stop string has {len(s)} characters; this server allows at most {limits.max_stop_length} "
+                "(--max-stop-length)",
+                param="stop",
+                code="string_above_max_length",
+            )
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
@@ -279,7 +326,7 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
     return out
 
 
-def _response_format(req: ChatCompletionRequest) -> dict | None:
+def _response_format(req: ChatCompletionRequest, budget: SchemaBudget) -> dict | None:
     """response_format -> the JSON schema a text answer must be valid for (None: free text). It is enforced
     with at most one blank between tokens, so a model cannot spend max_tokens padding an object (vLLM's own
     JSON mode allows any amount)."""
@@ -294,18 +341,8 @@ def _response_format(req: ChatCompletionRequest) -> dict | None:
             param="response_format.json_schema",
         )
     schema = rf.json_schema.json_schema
-    _check_schema(schema, "response_format.json_schema.schema")
+    budget.check(schema, "response_format.json_schema.schema")
     return schema
-
-
-def _check_schema(schema: dict, param: str) -> None:
-    from jsonschema import SchemaError
-    from jsonschema.validators import validator_for
-
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        raise APIError(f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
 
 
 def _prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:

@@ -10,6 +10,8 @@ stream (id, object, created, model, ...) is encoded once per request and each to
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring  # the C string encoder json.dumps(ensure_ascii=False) uses
 
 from starlette.responses import JSONResponse, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from server.gateway import tools
+from server.gateway.admission import SlowClient
+from server.gateway.connections import DROP_CONNECTION
 from server.gateway.engine import TokenLogprob
 from server.gateway.errors import APIError
 from server.gateway.stream import Answer, Stream, Usage
@@ -252,24 +256,144 @@ def _ending(stream: Stream, base: dict, include_usage: bool) -> bytes:
 
 
 class SSEResponse(StreamingResponse):
-    """text/event-stream that holds `owner` (the request's admission slot) open until the stream ends, however
-    it ends: finished, failed, or the client left (Starlette then stops the body iterator and `owner` aborts
-    what the engine still runs).
+    """text/event-stream whose events are rendered, in a task of their own, into an outbox that the response
+    sends from, each send given `send_timeout` seconds.
+
+    `owner` (the request's admission slot, token account and trace) is closed once the stream is rendered, however
+    it ended (finished, failed, past its deadline, aborted by a drain), even while its bytes still wait for the
+    client: the in-flight budget counts engine work, not bytes in a socket. The outbox holds OUTBOX_BYTES at most;
+    past that, rendering waits for the client. A client that leaves, or takes no data for `send_timeout` seconds
+    (its connection is then dropped), stops the rendering, and `owner` aborts what the engine still runs for it
+    (`client_disconnected`, `slow_client`).
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], owner: AbstractAsyncContextManager) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], owner: AbstractAsyncContextManager, send_timeout: float
+    ) -> None:
         super().__init__(
             content,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             media_type=self.media_type,
         )
         self._owner = owner
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with self._owner:
-            await super().__call__(scope, receive, send)
+        outbox = _Outbox(OUTBOX_BYTES)
+        loop = asyncio.get_running_loop()
+        rendering = loop.create_task(self._render(outbox))
+        sending = loop.create_task(self._send(send, outbox))
+        leaving = loop.create_task(_client_left(receive))
+        try:
+            await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+            if not sending.done():  # the client left (or this response was cancelled)
+                sending.cancel()
+            elif isinstance(sending.exception(), SlowClient):
+                outbox.slow = True
+            rendering.cancel()  # nothing once rendered; else `owner` aborts the engine's work
+            await asyncio.wait({rendering, sending})
+        if outbox.slow:
+            log.warning(
+                "the client took no data for %g s (--stream-send-timeout): stream dropped", self.send_timeout
+            )
+            drop = (scope.get("extensions") or {}).get(DROP_CONNECTION)
+            if drop is not None:
+                drop()
+                with contextlib.suppress(TimeoutError):  # the server sees it go: the response ends as dropped
+                    await asyncio.wait_for(_client_left(receive), 1.0)
+        elif not sending.cancelled():
+            sending.result()  # a failure of the rendering, raised once what came before it is sent
+
+    async def _render(self, outbox: _Outbox) -> None:
+        """Every event into the outbox, then `owner` closed."""
+        try:
+            async with self._owner:
+                try:
+                    async for chunk in self.body_iterator:
+                        await outbox.put(chunk)
+                except asyncio.CancelledError:
+                    if outbox.slow:
+                        raise SlowClient() from None  # `owner` aborts with this reason
+                    raise
+        except SlowClient:
+            pass
+        except Exception as exc:
+            outbox.error = exc
+        finally:
+            outbox.close()
+
+    async def _send(self, send: Send, outbox: _Outbox) -> None:
+        """The headers, then what the outbox holds as it comes, then the end; SlowClient if a send is not taken
+        within send_timeout."""
+        await self._timed(
+            send, {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        while (data := await outbox.take()) is not None:
+            await self._timed(send, {"type": "http.response.body", "body": data, "more_body": True})
+        if outbox.error is not None:
+            raise outbox.error
+        await self._timed(send, {"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _timed(self, send: Send, message: Message) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise SlowClient() from None
+
+
+# Rendered bytes a stream may hold for a client that is not taking them; past it, rendering waits for the client
+# (and only the send timeout ends that wait).
+OUTBOX_BYTES = 1 << 20
+
+
+class _Outbox:
+    """One stream's rendered bytes on their way out: the renderer puts, the sender takes all there is at once."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.closed = False  # rendering is over: nothing more comes
+        self.error: Exception | None = None  # why rendering failed, if it did
+        self.slow = False  # the client took no data for the send timeout
+        self._filled = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, chunk: bytes) -> None:
+        while self.size >= self.cap:
+            self._room.clear()
+            await self._room.wait()
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        self._filled.set()
+
+    async def take(self) -> bytes | None:
+        """Everything waiting, as one piece; None once rendering is over and everything was taken."""
+        while not self.chunks:
+            if self.closed:
+                return None
+            self._filled.clear()
+            await self._filled.wait()
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        self.size = 0
+        self._room.set()
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+        self._filled.set()
+
+
+async def _client_left(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 # --- non-streamed bodies ---------------------------------------------------------------------------------------
@@ -322,8 +446,8 @@ def completion_body(
 
 
 def model_card(model_id: str, created: int, max_model_len: int, root: str, parent: str | None) -> dict:
-    """OpenAI's model object, with vLLM's extras: the context length, the weights' `root`, and for a LoRA
-    adapter its base model as `parent`."""
+    """OpenAI's model object, with vLLM's extras: the context length, `root` (a name, never a path), and for a
+    LoRA adapter its base model as `parent`."""
     return {
         "id": model_id,
         "object": "model",

@@ -11,8 +11,9 @@ from server.gateway import anthropic, bodies, paths, responses, serving
 from server.gateway import protocol as p
 from server.gateway.errors import APIError
 from server.gateway.health import Health
+from server.gateway.intake import IntakeRoute
 
-router = APIRouter()
+router = APIRouter(route_class=IntakeRoute)
 
 _ERRORS = {
     status: {"model": bodies.ErrorResponse, "description": description}
@@ -112,28 +113,33 @@ async def model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(serving.model(services(request), model_id))
 
 
-# vLLM's runtime LoRA API, included only with --allow-runtime-lora-updating.
-lora_router = APIRouter()
+# vLLM's runtime LoRA API, included only with --allow-runtime-lora-updating; with keys, for admin keys only.
+lora_router = APIRouter(route_class=IntakeRoute)
+_ADMIN_ONLY = {"model": bodies.ErrorResponse, "description": "The key is not an admin key (`admin: true`)."}
 
 
 @lora_router.post(
     paths.LOAD_LORA,
     response_class=PlainTextResponse,
-    responses={400: _ERRORS[400], 401: _ERRORS[401]},
-    summary="Load a LoRA adapter; requests then select it with `model: lora_name`.",
+    responses={400: _ERRORS[400], 401: _ERRORS[401], 403: _ADMIN_ONLY},
+    summary="Load a LoRA adapter (admin keys); requests then select it with `model: lora_name`.",
 )
 async def load_lora_adapter(body: p.LoadAdapterRequest, request: Request) -> Response:
-    return await serving.load_adapter(services(request), body)
+    return await serving.load_adapter(services(request), body, request)
 
 
 @lora_router.post(
     paths.UNLOAD_LORA,
     response_class=PlainTextResponse,
-    responses={401: _ERRORS[401], 404: {"model": bodies.ErrorResponse, "description": "No such adapter."}},
-    summary="Stop serving a LoRA adapter (requests running with it finish).",
+    responses={
+        401: _ERRORS[401],
+        403: _ADMIN_ONLY,
+        404: {"model": bodies.ErrorResponse, "description": "No such adapter."},
+    },
+    summary="Stop serving a LoRA adapter (admin keys; requests running with it finish).",
 )
 async def unload_lora_adapter(body: p.UnloadAdapterRequest, request: Request) -> Response:
-    return await serving.unload_adapter(services(request), body)
+    return await serving.unload_adapter(services(request), body, request)
 
 
 def health_of(request: Request) -> Health:

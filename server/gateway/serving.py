@@ -1,6 +1,6 @@
 """One generation request's life, straight down, for every API (chat, completions, Responses, Messages):
 
-    plan (plans) → caller (key, model, priority, deadline) → admit (admission) → encode (template)
+    plan (plans, off the loop for a large body) → caller (key, model, priority, deadline) → admit (admission) → encode (template)
     → account (the key's tokens) → generate (engine) → the one stream loop (stream) → the API's dialect
 
 Each function reads top to bottom and hands the request down; nothing below calls back up. A stream outlives
@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from starlette.requests import Request
@@ -29,7 +32,9 @@ from server.gateway.engine import (
     generate_many,
 )
 from server.gateway.errors import APIError, ClientGone, DeadlineExceeded
+from server.gateway.intake import off_loop
 from server.gateway.metrics import GatewayMetrics, RequestTimer
+from server.gateway.schemas import SchemaLimits
 from server.gateway.stream import Answer, Stream, Usage, collect
 from server.gateway.template import ChatTemplate
 from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
@@ -39,9 +44,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
 T = TypeVar("T")
-
-# Prompts longer than this (characters) are tokenised off the event loop.
-INLINE_TOKENIZE_CHARS = 8192
 
 
 @dataclass
@@ -69,28 +71,44 @@ class Services:
             vocab_size=len(self.template.tokenizer),
             max_sequences=min(s.max_sequences_per_request, s.max_inflight_sequences),
             max_buffered_tokens=s.max_buffered_tokens,
+            schemas=SchemaLimits(
+                nodes=s.max_schema_nodes,
+                depth=s.max_schema_depth,
+                properties=s.max_schema_properties,
+                enum_values=s.max_schema_enum_values,
+                branches=s.max_schema_branches,
+                optional_properties=s.max_schema_optional_properties,
+                pattern_repeat=s.max_schema_pattern_repeat,
+            ),
+            max_stop_sequences=s.max_stop_sequences,
+            max_stop_length=s.max_stop_length,
+            max_tools=s.max_tools,
+            max_tool_description_length=s.max_tool_description_length,
             force_include_usage=s.force_include_usage,
         )
 
 
 async def chat(svc: Services, req: protocol.ChatCompletionRequest, raw: Request, request_id: str) -> Response:
-    plan = plans.chat_plan(req, svc.limits)
+    plan = await off_loop(raw, plans.chat_plan, req, svc.limits)
     return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Chat(plan))
 
 
 async def messages(svc: Services, req: anthropic.MessagesRequest, raw: Request, request_id: str) -> Response:
-    """Anthropic's Messages API: the chat flow, in Anthropic's shapes."""
-    plan = plans.chat_plan(anthropic.to_chat(req), svc.limits)
-    return await _serve(svc, raw, request_id, plan, req.model, None, _Messages())
+    """Anthropic's Messages API: the chat flow, in Anthropic's shapes; errors name its parameters."""
+    try:
+        plan = await off_loop(raw, _anthropic_plan, req, svc.limits)
+        return await _serve(svc, raw, request_id, plan, req.model, None, _Messages())
+    except APIError as exc:
+        raise anthropic.renamed(exc) from None
 
 
 async def create_response(
     svc: Services, req: responses.ResponsesRequest, raw: Request, request_id: str
 ) -> Response:
     """OpenAI's Responses API, stateless: the chat flow, in the Response shapes; errors name its parameters."""
-    tr = responses.to_chat(req)
+    tr = await off_loop(raw, responses.to_chat, req)
     try:
-        plan = plans.chat_plan(tr.chat, svc.limits)
+        plan = await off_loop(raw, plans.chat_plan, tr.chat, svc.limits)
         return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Responses(req, tr))
     except APIError as exc:
         raise responses.renamed(exc, tr.source) from None
@@ -99,16 +117,30 @@ async def create_response(
 async def completion(
     svc: Services, req: protocol.CompletionRequest, raw: Request, request_id: str
 ) -> Response:
-    plan = plans.completion_plan(req, svc.limits)
-    echo = [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
+    plan, echo = await off_loop(raw, _completion_plan, svc, req)
     return await _serve(svc, raw, request_id, plan, req.model, req.priority, _Completions(plan, echo, req))
 
 
 async def count_tokens(svc: Services, req: anthropic.CountTokensRequest, raw: Request) -> dict:
     """The prompt's tokens, as a Messages request would take them; the key may count only for its models."""
-    plan = plans.chat_plan(anthropic.to_chat(req), svc.limits)
+    try:
+        plan = await off_loop(raw, _anthropic_plan, req, svc.limits)
+    except APIError as exc:
+        raise anthropic.renamed(exc) from None
     _caller(svc, raw, req.model, None)
-    return {"input_tokens": len(await _encode_chat(svc, plan))}
+    return {"input_tokens": len(await off_loop(raw, _encode_chat, svc, plan))}
+
+
+def _anthropic_plan(
+    req: anthropic.MessagesRequest | anthropic.CountTokensRequest, limits: plans.Limits
+) -> plans.Plan:
+    return plans.chat_plan(anthropic.to_chat(req), limits)
+
+
+def _completion_plan(svc: Services, req: protocol.CompletionRequest) -> tuple[plans.Plan, list[str] | None]:
+    plan = plans.completion_plan(req, svc.limits)
+    echo = [p if isinstance(p, str) else svc.template.decode(p) for p in plan.prompts] if plan.echo else None
+    return plan, echo
 
 
 async def _serve(
@@ -136,7 +168,7 @@ async def _serve(
                 )
             )
         with trace.phase("template"):
-            prompts = await _encode_plan(svc, plan)
+            prompts = await off_loop(raw, _encode_plan, svc, plan)
         options = caller.apply(plans.sampling_options(plan, [len(p) for p in prompts], svc.limits))
         usage = _reserve_tokens(svc, caller, owner, Usage(sum(len(p) for p in prompts)), options)
         steps = caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids))
@@ -145,22 +177,20 @@ async def _serve(
         )
         if plan.stream:
             await until_disconnected(raw, stream.start())  # a failure before the first token is a plain error
-            return render.SSEResponse(dialect.events(stream, slot.request_id, caller.model), owner.pop_all())
+            events = dialect.events(stream, slot.request_id, caller.model)
+            return render.SSEResponse(events, owner.pop_all(), svc.settings.stream_send_timeout)
         answers = await until_disconnected(raw, collect(stream, len(prompts) * plan.n))
         return dialect.body(stream, answers, slot.request_id, caller.model)
 
 
-async def _encode_plan(svc: Services, plan: plans.Plan) -> list[list[int]]:
+def _encode_plan(svc: Services, plan: plans.Plan) -> list[list[int]]:
     if not plan.prompts:  # chat
-        return [await _encode_chat(svc, plan)]
-    return [
-        p if isinstance(p, list) else await _encode(svc.template.encode_text, p, len(p)) for p in plan.prompts
-    ]
+        return [_encode_chat(svc, plan)]
+    return [p if isinstance(p, list) else svc.template.encode_text(p) for p in plan.prompts]
 
 
-async def _encode_chat(svc: Services, plan: plans.Plan) -> list[int]:
-    size = sum(len(m["content"]) for m in plan.messages)
-    return await _encode(lambda messages: svc.template.encode_chat(messages, plan.tools), plan.messages, size)
+def _encode_chat(svc: Services, plan: plans.Plan) -> list[int]:
+    return svc.template.encode_chat(plan.messages, plan.tools)
 
 
 # --- dialects: what each API adds to the flow (its route, its id prefix, its stream, its body) ----------------------
@@ -241,21 +271,32 @@ def model(svc: Services, model_id: str) -> dict:
     return _card(svc, model_id)
 
 
-async def load_adapter(svc: Services, req: protocol.LoadAdapterRequest) -> Response:
-    """vLLM's runtime LoRA API: load an adapter into the engine, then serve it under its name."""
-    name, path = req.lora_name, req.lora_path
+async def load_adapter(svc: Services, req: protocol.LoadAdapterRequest, raw: Request) -> Response:
+    """vLLM's runtime LoRA API, for admin keys: load an adapter from inside --lora-adapter-dirs (or a hub repo
+    id, with --allow-lora-hub-ids) into the engine, then serve it under its name."""
+    _check_admin(svc, raw)
+    name = req.lora_name
     if name in svc.settings.base_model_names:
         raise APIError(f"the adapter name {name!r} is a name of the base model", param="lora_name")
+    path = _runtime_lora_path(svc.settings, req.lora_path)
     if problem := adapter_dir_problem(path):
         raise APIError(problem, param="lora_path")
     async with svc.adapters_lock:
         if name in svc.engine.adapters:
             raise APIError(f"the LoRA adapter {name!r} is already loaded; unload it first", param="lora_name")
+        cap = svc.settings.max_runtime_adapters
+        if name not in svc.settings.adapters and _runtime_adapters(svc) >= cap:
+            raise APIError(
+                f"{cap} LoRA adapters loaded at run time already, the most --max-runtime-adapters allows; "
+                "unload one first",
+                code="too_many_adapters",
+            )
         await svc.engine.load_adapter(name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-async def unload_adapter(svc: Services, req: protocol.UnloadAdapterRequest) -> Response:
+async def unload_adapter(svc: Services, req: protocol.UnloadAdapterRequest, raw: Request) -> Response:
+    _check_admin(svc, raw)
     name = req.lora_name
     async with svc.adapters_lock:
         if name not in svc.engine.adapters:
@@ -266,10 +307,71 @@ async def unload_adapter(svc: Services, req: protocol.UnloadAdapterRequest) -> R
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
+def _check_admin(svc: Services, raw: Request) -> None:
+    """On a server with keys, only keys with `admin: true` may change the adapters every key uses."""
+    tenant: Tenant = getattr(raw.state, "tenant", ANONYMOUS)
+    if svc.tenants.enabled and not tenant.admin:
+        raise APIError(
+            f"key {tenant.name!r} may not load or unload LoRA adapters: that needs a key with `admin: true` "
+            "in --api-key-file",
+            403,
+            code="admin_key_required",
+        )
+
+
+# A Hugging Face repo id: owner/name, as huggingface_hub accepts them.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+
+
+def _runtime_lora_path(settings: Settings, path: str) -> str:
+    """What the engine may load for a runtime `lora_path`: its real path (symlinks and `..` resolved, so
+    nothing escapes) when that lies in one of --lora-adapter-dirs; a hub repo id as given with
+    --allow-lora-hub-ids. Anything else is a 400 naming lora_path. A path is local as adapter_dir_problem and
+    vLLM take it: it exists, or starts with /, . or ~."""
+    if "\0" in path:  # no file name holds one (os calls raise ValueError)
+        raise APIError("lora_path holds a NUL character", param="lora_path")
+    where = Path(path).expanduser()
+    if not (where.exists() or path.startswith(("/", ".", "~"))):
+        if not settings.allow_lora_hub_ids:
+            raise APIError(
+                f"lora_path {path!r} is not a local directory; loading adapters from the Hugging Face hub "
+                "needs the server flag --allow-lora-hub-ids",
+                param="lora_path",
+            )
+        if not _HUB_ID.fullmatch(path) or ".." in path:
+            raise APIError(
+                f"lora_path {path!r} is neither a local directory nor a repo id", param="lora_path"
+            )
+        return path
+    real = os.path.realpath(where)
+    for allowed in settings.lora_adapter_dirs:
+        top = os.path.realpath(Path(allowed).expanduser())
+        if os.path.commonpath([real, top]) == top:
+            return real
+    if not settings.lora_adapter_dirs:
+        raise APIError(
+            "no local lora_path may be loaded at run time: the server has no --lora-adapter-dirs",
+            param="lora_path",
+        )
+    raise APIError(
+        f"lora_path {path!r} is outside the directories the server allows (--lora-adapter-dirs)",
+        param="lora_path",
+    )
+
+
+def _runtime_adapters(svc: Services) -> int:
+    """Adapters loaded now through the runtime API: every name but --lora-modules' (the --max-runtime-adapters
+    count)."""
+    started = svc.settings.adapters
+    return sum(1 for name in svc.engine.adapters if name not in started)
+
+
 def _card(svc: Services, name: str) -> dict:
-    adapter = svc.engine.adapters.get(name)
-    root, parent = (adapter, svc.model_name) if adapter is not None else (svc.settings.model, None)
-    return render.model_card(name, svc.created, svc.engine.max_model_len, root, parent)
+    """A listed name's card. `root` is a name, never a path: the base model's name for it and its aliases, the
+    adapter's own name for an adapter."""
+    if name in svc.engine.adapters:
+        return render.model_card(name, svc.created, svc.engine.max_model_len, name, svc.model_name)
+    return render.model_card(name, svc.created, svc.engine.max_model_len, svc.model_name, None)
 
 
 # --- who is asking: key, model name, priority, cache salt, deadline ---------------------------------------------
@@ -424,9 +526,3 @@ async def until_disconnected(raw: Request, work: Awaitable[T]) -> T:
         return task.result()
     task.cancel()
     raise ClientGone()
-
-
-async def _encode(encode: Callable[[T], list[int]], value: T, size: int) -> list[int]:
-    if size > INLINE_TOKENIZE_CHARS:
-        return await asyncio.to_thread(encode, value)
-    return encode(value)

@@ -3,21 +3,41 @@
 The tokenizer's own chat template is used when it has one, else DeepSeek-V2-Chat's template shipped in
 server/data. DeepSeek-V2's template has no tool format; server/data/deepseek_v2_tools_chat_template.jinja is
 the same template plus one (tool list in the system part, calls in the assistant's turn, results as Tool turns;
-server/gateway/tools.py), and requests with tools or tool turns are always rendered with it. The template emits the BOS token itself, so the
-rendered text is encoded without special tokens; BOS is prepended only when a template did not emit it.
+server/gateway/tools.py), and requests with tools or tool turns are always rendered with it. The template emits
+the BOS token itself; BOS is prepended only when a template did not emit it.
+
+Special tokens belong to the template, never to the request. Whatever a request carries (content of every role,
+tool results, call ids, names, arguments, tool descriptions and schemas) is tokenised as plain text, so a user's
+`<｜end▁of▁sentence｜>` is those characters, not EOS: before rendering, each spelling of an added token in the
+request (and the sentinel mark itself) is swapped for a sentinel, a private-use mark + its index; the rendered
+text is split on the added tokens left, which are the template's own, and the pieces between them are encoded
+without added-token matching, sentinels swapped back. Honest input gets exactly the ids the plain encode of the
+rendered text would give. The tools template escapes its own markup in what it wraps (`</tool_result` in a
+result, `</tool_call` in arguments, ids and names as JSON strings), so a result cannot close early.
+A completion prompt (encode_text) is the client's whole prompt and is encoded as it is, special tokens included.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from server.gateway.errors import APIError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SHIPPED_TEMPLATE = DATA / "deepseek_v2_chat_template.jinja"
 TOOLS_TEMPLATE = DATA / "deepseek_v2_tools_chat_template.jinja"
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# A sentinel is MARK + the index of the spelling it stands for + END; both are private-use characters.
+MARK, END = "\ue000", "\ue001"
+SENTINEL = re.compile(f"{MARK}([0-9]+){END}")
+T = TypeVar("T")
 
 
 class ChatTemplate:
@@ -29,6 +49,13 @@ class ChatTemplate:
         self.tools_template = TOOLS_TEMPLATE.read_text()
         self.bos_id: int | None = self.tokenizer.bos_token_id
         self.bos_token: str | None = self.tokenizer.bos_token
+        # Every added token, special or not (DeepSeek-V2 adds FIM and placeholder tokens besides BOS and EOS).
+        self.added: dict[str, int] = self.tokenizer.get_added_vocab()
+        self._guarded = [MARK, *self.added]
+        self._sentinels = {s: f"{MARK}{i}{END}" for i, s in enumerate(self._guarded)}
+        self._guard_re = re.compile(_any_of(self._guarded))
+        self._split_re = re.compile(f"({_any_of(self.added)})")
+        self._plain = _without_added_tokens(self.tokenizer, tokenizer_path)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """Normalised messages (see normalize_messages) and tools -> prompt text ending in the assistant's turn."""
@@ -42,20 +69,81 @@ class ChatTemplate:
         )
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        ids = self._encode(self.render(messages, tools))
+        """The prompt's ids: special tokens only where the template put them, the request's text as plain text."""
+        ids = self._encode_rendered(self.render(self._guard(messages), self._guard(tools)))
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
 
     def encode_text(self, text: str) -> list[int]:
-        """A raw completion prompt: the tokenizer's own special tokens (BOS for DeepSeek-V2)."""
+        """A raw completion prompt, the client's whole prompt: special tokens spelled in it are those tokens (a
+        prompt may carry its own BOS/EOS), and the tokenizer's own are added (BOS for DeepSeek-V2)."""
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def _guard(self, value: T) -> T:
+        """A copy of request data with every added token's spelling (and MARK) in its strings, keys included,
+        swapped for its sentinel."""
+        if isinstance(value, str):
+            return self._guard_re.sub(lambda m: self._sentinels[m.group()], value)
+        if isinstance(value, dict):
+            return {self._guard(k): self._guard(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._guard(v) for v in value]
+        return value
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """Rendered text -> ids: its added tokens (the template's) by id, the text between them without added-token
+        matching and with the request's spellings back in place of their sentinels."""
+        parts = self._split_re.split(text)  # text, token, text, ..., token, text
+        pieces = [SENTINEL.sub(lambda m: self._guarded[int(m[1])], p) if MARK in p else p for p in parts[::2]]
+        # One call for all pieces, each encoded on its own; encode_batch lets go of the GIL while it works (encode
+        # does not), so a long prompt tokenised in a worker thread does not hold up the event loop.
+        encodings = self._plain.encode_batch(pieces, add_special_tokens=False)
+        ids: list[int] = []
+        for encoding, token in zip(encodings, parts[1::2], strict=False):
+            ids += encoding.ids
+            ids.append(self.added[token])
+        ids += encodings[-1].ids
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _any_of(words: list[str] | dict[str, int]) -> str:
+    """A regex for the longest of `words` at a position, as a trie: one branch per next character, so its cost per
+    character stays flat however many words (a tokenizer may add thousands of placeholder tokens)."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def below(node: dict) -> str:
+        branches = [re.escape(ch) + below(child) for ch, child in node.items() if ch]
+        if not branches:
+            return ""
+        group = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{group})?" if "" in node else group  # greedy: a longer word before a shorter one
+
+    return "|".join(re.escape(ch) + below(child) for ch, child in trie.items() if ch) or "(?!)"
+
+
+def _without_added_tokens(tokenizer: PreTrainedTokenizerBase, tokenizer_path: str) -> Tokenizer:
+    """The tokenizer's pipeline (normaliser, pre-tokenizer, model) with no added tokens and no post-processing:
+    any text in, ordinary tokens out."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(
+            f"tokenizer {tokenizer_path!r} has no fast (tokenizer.json) version; the gateway needs one to keep "
+            "special tokens out of request text"
+        )
+    spec = json.loads(backend.to_str())
+    spec.update(added_tokens=[], post_processor=None, truncation=None, padding=None)
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def normalize_messages(messages: list) -> list[dict]:

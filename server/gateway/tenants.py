@@ -12,9 +12,13 @@ mapping of names to keys, as a Kubernetes Secret mounts it:
       models: [tiny-dsv2]                     # names (or aliases) this key may use; default: all
       priority: 10                            # default scheduling priority (vLLM: lower runs first)
       min_priority: 0                         # the most urgent priority its requests may ask for
+    ops:
+      key: sk-ops-secret
+      admin: true                             # may load and unload LoRA adapters at run time (default false)
 
 Keys are held and compared as SHA-256 digests, every key each time, in constant time. The name (never the key)
 labels metrics and access logs, and salts the prefix cache (`cache_salt`), so tenants never share KV blocks.
+Flat `--api-keys` keys are never admins.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import yaml
 from server.gateway.errors import APIError
 
 _LIMIT_FIELDS = {"requests_per_minute", "tokens_per_minute", "max_sequences", "priority", "min_priority"}
-_FIELDS = {"key", "key_sha256", "models", *_LIMIT_FIELDS}
+_FIELDS = {"key", "key_sha256", "models", "admin", *_LIMIT_FIELDS}
 
 
 def digest(key: str | bytes) -> bytes:
@@ -83,6 +87,7 @@ class Tenant:
     models: frozenset[str] | None = None
     priority: int = 0
     min_priority: int | None = None
+    admin: bool = False  # may use the runtime LoRA API
     sequences: int = 0  # in flight now
     requests: Bucket | None = field(default=None, repr=False)
     tokens: Bucket | None = field(default=None, repr=False)
@@ -250,7 +255,11 @@ def _tenant(name: str, spec: Any, path: Path) -> Tenant:
     models = spec.get("models")
     if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
         raise ValueError(f"{where}: models must be a list of names")
-    tenant = Tenant(name, key_digest, models=frozenset(models) if models is not None else None, **limits)
+    admin = spec.get("admin", False)
+    if not isinstance(admin, bool):
+        raise ValueError(f"{where}: admin must be true or false, not {admin!r}")
+    models_ = frozenset(models) if models is not None else None
+    tenant = Tenant(name, key_digest, models=models_, admin=admin, **limits)
     if tenant.min_priority is not None and tenant.priority < tenant.min_priority:
         raise ValueError(f"{where}: priority {tenant.priority} is below its own min_priority")
     return tenant

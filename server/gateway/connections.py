@@ -1,0 +1,182 @@
+"""How connections are served: uvicorn's config, and its HTTP protocol (httptools, picked explicitly) with the
+limits uvicorn lacks, so that no client holds a connection, or the server's capacity, by going slow:
+
+- **headers**: a request whose headers are not all in within --header-timeout seconds of its first byte gets a
+  408 and its connection is closed (slowloris); a connection that never starts a request is idle, and closed
+  after --timeout-keep-alive like one between requests;
+- **connections**: beyond --max-connections (uvicorn's limit_concurrency) requests get a 503, except the probes
+  and /metrics, which the kubelet and Prometheus must get answers from at any load;
+- **sends**: a connection whose client has taken no data for --stream-send-timeout seconds after its response
+  was written is dropped. A stream times its own sends (render.SSEResponse: it must abort the engine and free
+  its slot too) and drops its connection through the DROP_CONNECTION extension.
+
+The body read timeout is the app's (middleware.py): only the app knows when it reads a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.gateway import paths
+from server.gateway.errors import APIError
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from server.settings import Settings
+
+log = logging.getLogger("dsv2.connections")
+
+# scope["extensions"][DROP_CONNECTION](): close the request's connection now, dropping what was not sent.
+DROP_CONNECTION = "dsv2.drop_connection"
+# Answered beyond --max-connections too.
+UNCAPPED = frozenset({paths.HEALTH, paths.READY, paths.METRICS})
+
+_HEADER_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+
+
+def config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """uvicorn's config for the gateway: its address, keep-alive and the limits above."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.timeout_keep_alive,
+        limit_concurrency=settings.max_connections,
+        http=protocol(settings.header_timeout, settings.stream_send_timeout),
+    )
+
+
+def protocol(header_timeout: float, send_timeout: float) -> type[GatewayProtocol]:
+    """GatewayProtocol with these timeouts (uvicorn makes one protocol per connection from the class)."""
+    timeouts = {"header_timeout": header_timeout, "send_timeout": send_timeout}
+    return type("GatewayProtocol", (GatewayProtocol,), timeouts)
+
+
+class GatewayProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header timeout, a connection cap that spares UNCAPPED, and a send
+    timeout; see the module's docstring."""
+
+    header_timeout = 30.0
+    send_timeout = 30.0
+
+    def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict, _loop: Any = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        # uvicorn applies limit_concurrency before the app, to every path; _capped applies it instead.
+        self.max_connections, self.limit_concurrency = self.limit_concurrency, None
+        self._app, self.app = self.app, self._capped
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+
+    # --- idle and header timeouts ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # Until its first byte the connection is idle: uvicorn's keep-alive timer closes it, as between requests.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {DROP_CONNECTION: self._drop}
+        _cancel(self._header_timer)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._header_timer = _cancel(self._header_timer)
+        super().on_headers_complete()
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        log.warning(
+            "%s: request headers not complete within %g s (--header-timeout); closing the connection",
+            _peer(self.client),
+            self.header_timeout,
+        )
+        if self.cycle is None or self.cycle.response_complete:  # not in the middle of an earlier response
+            body = APIError(
+                f"request headers not received within {self.header_timeout:g} s", 408, code="request_timeout"
+            ).body()
+            payload = json.dumps(body, separators=(",", ":")).encode()
+            self.transport.write(_HEADER_TIMEOUT_RESPONSE % (len(payload), payload))
+        self.transport.close()
+
+    # --- connection cap -----------------------------------------------------------------------------------------
+
+    async def _capped(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, or a 503 beyond max_connections open connections (or requests in progress) for any path but
+        UNCAPPED. This connection and this request are among those counted."""
+        cap, state = self.max_connections, self.server_state
+        over = cap is not None and (len(state.connections) > cap or len(state.tasks) > cap)
+        if over and scope["path"] not in UNCAPPED:
+            log.warning("over --max-connections (%d): %s %s refused", cap, scope["method"], scope["path"])
+            error = APIError(
+                f"the server has too many open connections (--max-connections {cap}); retry shortly",
+                503,
+                code="too_many_connections",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+            await error.response(scope["path"])(scope, receive, send)
+            return
+        await self._app(scope, receive, send)
+
+    # --- send timeout -------------------------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark: the client is not taking data."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_timer = _cancel(self._send_timer)
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        cycle = self.cycle
+        streaming = cycle is not None and cycle.response_started and not cycle.response_complete
+        if streaming and not self.transport.is_closing():  # a stream still sending times its sends itself
+            self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
+            return
+        log.warning(
+            "%s: the client took no data for %g s (--stream-send-timeout); dropping the connection",
+            _peer(self.client),
+            self.send_timeout,
+        )
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection now, with whatever it could not send (close() would wait for the client)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._header_timer = _cancel(self._header_timer)
+        self._send_timer = _cancel(self._send_timer)
+        super().connection_lost(exc)
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "-"
