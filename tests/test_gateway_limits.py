@@ -299,6 +299,14 @@ def test_limits_are_documented():
         "--max-schema-properties",
         "--max-schema-enum-values",
         "--max-schema-branches",
+        "--max-schema-optional-properties",
+        "--max-schema-pattern-repeat",
         "--max-request-bytes",
+        "--stream-send-timeout",
+        "--header-timeout",
+        "--body-timeout",
+        "--max-connections",
+        "dsv2_event_loop_lag_seconds",
+        "DSV2EventLoopLag",
     ):
         assert flag in section, flag

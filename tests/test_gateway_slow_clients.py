@@ -219,6 +219,29 @@ def test_slowloris_headers_are_cut_off_while_others_are_served(tiny_lite_dir):
         idle.close()
 
 
+def test_oversized_headers_get_431_and_the_connection_closed(tiny_lite_dir):
+    from server.gateway.connections import MAX_HEADER_BYTES
+
+    with live(tiny_lite_dir, FakeEngine()) as srv:
+        sock = raw_client(srv)
+        filler = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+        try:  # the server may close while headers are still being sent: what it answered is read below
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n" + filler * (MAX_HEADER_BYTES // 1000 + 8))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = read_all(sock, timeout=10)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431"), head
+        assert json.loads(body)["error"]["code"] == "request_headers_too_large"
+        sock.close()
+        # just under the cap is a request like any other
+        ok = raw_client(srv)
+        ok.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n" + filler * (MAX_HEADER_BYTES // 1100) + b"\r\n")
+        ok.settimeout(10)
+        assert ok.recv(64).startswith(b"HTTP/1.1 200")
+        ok.close()
+
+
 def test_slow_body_gets_408(tiny_lite_dir):
     with live(tiny_lite_dir, FakeEngine(), body_timeout=1.0) as srv:
         sock = raw_client(srv)

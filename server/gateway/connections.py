@@ -2,7 +2,8 @@
 limits uvicorn lacks, so that no client holds a connection, or the server's capacity, by going slow:
 
 - **headers**: a request whose headers are not all in within --header-timeout seconds of its first byte gets a
-  408 and its connection is closed (slowloris); a connection that never starts a request is idle, and closed
+  408 and its connection is closed (slowloris); one whose request line and headers pass MAX_HEADER_BYTES gets a
+  431 and is closed (they are held in memory until they are complete); a connection that never starts a request is idle, and closed
   after --timeout-keep-alive like one between requests;
 - **connections**: beyond --max-connections (uvicorn's limit_concurrency) requests get a 503, except the probes
   and /metrics, which the kubelet and Prometheus must get answers from at any load;
@@ -38,10 +39,11 @@ DROP_CONNECTION = "dsv2.drop_connection"
 # Answered beyond --max-connections too.
 UNCAPPED = frozenset({paths.HEALTH, paths.READY, paths.METRICS})
 
-_HEADER_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: %d\r\n\r\n%s"
+_HEADER_ERROR_RESPONSE = (
+    b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
 )
+# A request line and headers larger than this are refused (431); browsers and proxies send a few KiB.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
@@ -79,6 +81,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self.max_connections, self.limit_concurrency = self.limit_concurrency, None
         self._app, self.app = self.app, self._capped
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
         self._send_timer: asyncio.TimerHandle | None = None
 
     # --- idle and header timeouts ---------------------------------------------------------------------------
@@ -95,6 +98,31 @@ class GatewayProtocol(HttpToolsProtocol):
         self.scope["extensions"] = {DROP_CONNECTION: self._drop}
         _cancel(self._header_timer)
         self._header_timer = self.loop.call_later(self.header_timeout, self._headers_timed_out)
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            log.warning(
+                "%s: request headers over %d bytes; closing the connection",
+                _peer(self.client),
+                MAX_HEADER_BYTES,
+            )
+            self._header_timer = _cancel(self._header_timer)
+            self._refuse(
+                431,
+                b"Request Header Fields Too Large",
+                f"request headers exceed {MAX_HEADER_BYTES} bytes",
+                "request_headers_too_large",
+            )
 
     def on_headers_complete(self) -> None:
         self._header_timer = _cancel(self._header_timer)
@@ -109,12 +137,15 @@ class GatewayProtocol(HttpToolsProtocol):
             _peer(self.client),
             self.header_timeout,
         )
+        message = f"request headers not received within {self.header_timeout:g} s"
+        self._refuse(408, b"Request Timeout", message, "request_timeout")
+
+    def _refuse(self, status: int, reason: bytes, message: str, code: str) -> None:
+        """Answer a request that never reached the app with an OpenAI-shaped error, and close the connection."""
         if self.cycle is None or self.cycle.response_complete:  # not in the middle of an earlier response
-            body = APIError(
-                f"request headers not received within {self.header_timeout:g} s", 408, code="request_timeout"
-            ).body()
+            body = APIError(message, status, code=code).body()
             payload = json.dumps(body, separators=(",", ":")).encode()
-            self.transport.write(_HEADER_TIMEOUT_RESPONSE % (len(payload), payload))
+            self.transport.write(_HEADER_ERROR_RESPONSE % (status, reason, len(payload), payload))
         self.transport.close()
 
     # --- connection cap -----------------------------------------------------------------------------------------

@@ -32,7 +32,13 @@ _TYPES = {
     504: "timeout_error",
     503: "server_error",
 }
-_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_CODES = {
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+}
 
 
 class DeadlineExceeded(Exception):

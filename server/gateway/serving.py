@@ -5,7 +5,8 @@
 
 Each function reads top to bottom and hands the request down; nothing below calls back up. A stream outlives
 its handler, so its exit stack (admission slot, token account, trace) is handed to the SSE response
-(AsyncExitStack.pop_all), which closes it when the stream ends, however it ends.
+(AsyncExitStack.pop_all), which closes it once the stream is rendered, however it ends (bytes still waiting for a
+slow client hold no slot; render.SSEResponse drops a client that takes nothing for --stream-send-timeout).
 """
 
 from __future__ import annotations

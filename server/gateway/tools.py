@@ -1,6 +1,6 @@
 """Tool calls in DeepSeek-V2 chat: the format, the grammar that guarantees it, and parsing the model's text.
 
-The format (rendered into prompts by server/data/deepseek_v2_chat_template.jinja, and what the model writes):
+The format (rendered into prompts by server/data/deepseek_v2_tools_chat_template.jinja, and what the model writes):
 
     <tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>
 
