@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
@@ -320,10 +319,6 @@ def _check_admin(svc: Services, raw: Request) -> None:
         )
 
 
-# A Hugging Face repo id: owner/name, as huggingface_hub accepts them.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
-
-
 def _runtime_lora_path(settings: Settings, path: str) -> str:
     """What the engine may load for a runtime `lora_path`: its real path (symlinks and `..` resolved, so
     nothing escapes) when that lies in one of --lora-adapter-dirs; a hub repo id as given with
@@ -339,10 +334,14 @@ def _runtime_lora_path(settings: Settings, path: str) -> str:
                 "needs the server flag --allow-lora-hub-ids",
                 param="lora_path",
             )
-        if not _HUB_ID.fullmatch(path) or ".." in path:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(path)
+        except HFValidationError:
             raise APIError(
                 f"lora_path {path!r} is neither a local directory nor a repo id", param="lora_path"
-            )
+            ) from None
         return path
     real = os.path.realpath(where)
     for allowed in settings.lora_adapter_dirs:
