@@ -56,6 +56,16 @@ class ModelSettings(BaseSettings):
     max_runtime_adapters: int = Field(
         default=8, ge=0, description="Most LoRA adapters loaded through the runtime API at once (400 above)."
     )
+    revision: str | None = Field(
+        default=None,
+        description="With a repo id as --model: the branch, tag or commit to download (a commit sha pins it); "
+        "default: main.",
+    )
+    download_dir: str | None = Field(
+        default=None,
+        description="With a repo id as --model: download it to DIR/<repo>/<revision> (e.g. a volume) instead of "
+        "the Hugging Face cache; complete files already there are kept.",
+    )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer path or repo id; default: the model's."
     )
@@ -393,6 +403,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--lora-adapter-dirs", {}),
     ("--allow-lora-hub-ids", {"action": "store_const", "const": True}),
     ("--max-runtime-adapters", {"type": int}),
+    ("--revision", {}),
+    ("--download-dir", {}),
     ("--tokenizer", {}),
     ("--tensor-parallel-size", {"type": int}),
     ("--pipeline-parallel-size", {"type": int}),

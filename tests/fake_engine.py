@@ -58,7 +58,7 @@ class FakeEngine:
         self.options: list[SamplingOptions] = []  # what each request asked of the sampler
         self.adapters: dict[str, str] = {}  # LoRA adapters, as the Engine protocol keeps them
 
-    async def start(self) -> None:
+    async def start(self, startup=None) -> None:
         self.started = True
 
     @property

@@ -1,5 +1,6 @@
-"""create_app(settings): the FastAPI app and its lifespan (build the engine and the services over it once,
-drain and stop them at exit); run(settings): serve it with uvicorn and drain gracefully on SIGTERM.
+"""create_app(settings): the FastAPI app and its lifespan (bring the model up once, behind 503s that name the
+start-up phase; drain and stop it at exit); run(settings): serve it with uvicorn, listening from the first second,
+and drain gracefully on SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from server.gateway.metrics import GatewayMetrics, sample_loop_lag
 from server.gateway.middleware import GatewayMiddleware
 from server.gateway.routes import lora_router, router
 from server.gateway.serving import Services
+from server.gateway.startup import Startup, download, is_local
 from server.gateway.template import ChatTemplate
 from server.gateway.tenants import load as load_tenants
 from server.gateway.tracing import tracer_from_settings
@@ -40,11 +42,19 @@ log = logging.getLogger("dsv2.app")
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    tracer: Tracer | None = None,
+    wait_for_model: bool = True,
+) -> FastAPI:
     """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine), `tracer`
-    to the OTLP exporter of --otlp-traces-endpoint (none: tracing off). ValueError for a bad key file, or for
-    no keys on a non-loopback --host without --allow-unauthenticated, before anything starts."""
+    to the OTLP exporter of --otlp-traces-endpoint (none: tracing off). With `wait_for_model` the lifespan's
+    start-up returns once the model serves (and raises if it cannot); without it, at once, the model coming up
+    behind 503s (server.gateway.startup) and `app.state.stop_server()` called if it fails. ValueError for a bad
+    key file, or for no keys on a non-loopback --host without --allow-unauthenticated, before anything starts."""
     metrics = GatewayMetrics()
+    metrics.inflight_limit.set(settings.max_inflight_sequences)
     tenants = load_tenants(settings.api_keys, settings.api_key_file)
     if not tenants.enabled and settings.host not in LOOPBACK and not settings.allow_unauthenticated:
         raise ValueError(
@@ -64,19 +74,49 @@ def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer 
 
     @asynccontextmanager
     async def _serving(app: FastAPI) -> AsyncIterator[None]:
-        template = ChatTemplate(settings.tokenizer or settings.model, settings.trust_remote_code)
+        startup = Startup(metrics, "loading_weights" if is_local(settings.model) else "downloading")
         eng = engine if engine is not None else VLLMEngine(settings)
         admission = Admission(eng, metrics, settings.max_inflight_sequences)
         health = Health(
             eng,
             admission,
-            probe_prompt=[template.bos_id if template.bos_id is not None else 0],
+            startup,
             window=settings.readiness_window_seconds,
             stall=settings.liveness_stall_seconds,
         )
         app.state.admission = admission
         app.state.health = health
-        await eng.start()
+        app.state.startup = startup
+        bring_up = asyncio.ensure_future(_bring_up(app, eng, startup, health, admission))
+        if wait_for_model:
+            await bring_up
+        else:
+            bring_up.add_done_callback(lambda task: _start_failed(app, task))
+        try:
+            yield
+        finally:
+            bring_up.cancel()
+            if startup.serving and not admission.idle:
+                await admission.drain(0)
+            await eng.shutdown()
+            log.info("engine stopped")
+
+    async def _bring_up(
+        app: FastAPI, eng: Engine, startup: Startup, health: Health, admission: Admission
+    ) -> None:
+        """Download a repo id, load the tokenizer, start the engine and its adapters; then serve."""
+        model = settings.model
+        if not is_local(model):
+            model = await asyncio.to_thread(
+                download, settings.model, settings.revision, settings.download_dir, startup
+            )
+            eng.use_download(model)
+        startup.enter("loading_weights")
+        template = await asyncio.to_thread(
+            ChatTemplate, settings.tokenizer or model, settings.trust_remote_code
+        )
+        health.probe_prompt = [template.bos_id if template.bos_id is not None else 0]
+        await eng.start(startup)
         try:  # a bad --lora-modules adapter stops the start-up with its name, not its first request
             for name, path in settings.adapters.items():
                 await eng.load_adapter(name, path)
@@ -97,15 +137,8 @@ def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer 
         if not eng.priority_scheduling and any(t.priority for t in tenants.tenants):
             log.warning("API keys have default priorities, but the engine schedules first come, first served: "
                         "start with --scheduling-policy priority for them to apply")  # fmt: skip
-        health.started = True
+        startup.enter("serving")
         log.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
-        try:
-            yield
-        finally:
-            if not admission.idle:
-                await admission.drain(0)
-            await eng.shutdown()
-            log.info("engine stopped")
 
     app = FastAPI(
         title="dsv2-serve",
@@ -116,6 +149,7 @@ def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer 
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.stop_server = lambda: None
     install_handlers(app)
     app.include_router(router)
     if settings.allow_runtime_lora_updating:
@@ -151,6 +185,17 @@ def create_app(settings: Settings, engine: Engine | None = None, tracer: Tracer 
     return app
 
 
+def _start_failed(app: FastAPI, task: asyncio.Task) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    app.state.startup.error = f"{type(exc).__name__}: {exc}"
+    log.error(
+        "start-up failed in phase %s: %s", app.state.startup.phase, app.state.startup.error, exc_info=exc
+    )
+    app.state.stop_server()
+
+
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; 0 on a clean exit, 1 if startup failed."""
     configure_logging(settings.log_level, settings.log_format)
@@ -162,13 +207,15 @@ def run(settings: Settings) -> int:
         log.error("%s", exc)
         return 2
     try:
-        app = create_app(settings, engine)
+        app = create_app(settings, engine, wait_for_model=False)
     except ValueError as exc:  # a bad key file, or no keys off loopback: say what is wrong, start nothing
         log.error("%s", exc)
         return 2
     server = DrainingServer(connections.config(app, settings), app, settings.drain_timeout)
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started else 1
+    failed = not server.started or getattr(app.state, "startup", None) is None or app.state.startup.error
+    return 1 if failed else 0
 
 
 class DrainingServer(uvicorn.Server):

@@ -11,12 +11,15 @@ import json
 import logging
 import math
 import os
+import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from server.gateway.startup import STATUS_ENV, Startup, is_local, watch_engine
 from server.settings import Settings
 
 log = logging.getLogger("dsv2.engine")
@@ -142,7 +145,11 @@ class Engine(Protocol):
     # reads; changed only by load_adapter and unload_adapter.
     adapters: dict[str, str]
 
-    async def start(self) -> None: ...
+    def use_download(self, path: str) -> None:
+        """--model was a repo id, downloaded to `path`: load that."""
+
+    async def start(self, startup: Startup | None = None) -> None:
+        """Start; report the phases it goes through to `startup` where it can."""
 
     def generate(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
@@ -212,7 +219,7 @@ def build_engine_args(settings: Settings):
     args.trust_remote_code = settings.trust_remote_code or args.trust_remote_code
     if settings.max_model_len is not None:
         args.max_model_len = settings.max_model_len
-    elif args.max_model_len is None:
+    elif args.max_model_len is None and is_local(settings.model):  # a repo's config is read once downloaded
         args.max_model_len = default_max_model_len(settings.model, args.trust_remote_code)
     # The MLA attention backend is vLLM's pick (or the pass-through flag); on CPU the model plugin's config
     # hook steers fp16/fp32 away from AMX_MLA, for this gateway and plain vLLM alike.
@@ -282,10 +289,17 @@ class VLLMEngine:
         self._lora_requests: dict[str, Any] = {}  # name -> vLLM LoRARequest, for each name in `adapters`
         self._lora_ids = 0  # vLLM's LoRA ids start at 1 and are never reused
 
-    async def start(self) -> None:
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
+    def use_download(self, path: str) -> None:
+        """Load the downloaded `path`; the names clients use stay the repo's."""
+        self.args.model = path
+        if self.args.max_model_len is None:
+            self.args.max_model_len = default_max_model_len(path, self.args.trust_remote_code)
 
+    async def start(self, startup: Startup | None = None) -> None:
+        """Build the AsyncLLM in a thread of its own, so that the server answers probes (503, with the phase)
+        while vLLM loads, profiles, compiles and captures. A daemon thread: a stop during start-up exits without
+        waiting for it (the engine-core processes are daemons too). vLLM's processes report their phases through
+        the file named by DSV2_STARTUP_STATUS (server.gateway.startup)."""
         args = self.args
         log.info(
             "starting vLLM engine: model=%s dtype=%s max_model_len=%s tp=%d",
@@ -295,14 +309,51 @@ class VLLMEngine:
             args.tensor_parallel_size,
         )
         started = time.monotonic()
-        self._llm = AsyncLLM.from_engine_args(
-            args,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            stat_loggers=[_progress_logger_factory(self.progress)],
-        )
+        loop = asyncio.get_running_loop()
+        built: asyncio.Future = loop.create_future()
+        fd, status = tempfile.mkstemp(prefix="dsv2-startup-")
+        os.close(fd)
+        os.environ[STATUS_ENV] = status  # inherited by the engine-core and worker processes
+        watch = loop.create_task(watch_engine(startup, Path(status))) if startup is not None else None
+        threading.Thread(target=self._build, args=(loop, built), name="engine-start", daemon=True).start()
+        try:
+            self._llm = await built
+        finally:
+            if watch is not None:
+                watch.cancel()
+            os.environ.pop(STATUS_ENV, None)
+            Path(status).unlink(missing_ok=True)
         self.max_model_len = self._llm.model_config.max_model_len
         self.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
+
+    def _build(self, loop: asyncio.AbstractEventLoop, built: asyncio.Future) -> None:
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        def settle(llm: Any = None, exc: BaseException | None = None) -> None:
+            if built.done():  # the server stopped during start-up
+                if llm is not None:
+                    llm.shutdown()
+            elif exc is not None:
+                built.set_exception(exc)
+            else:
+                built.set_result(llm)
+
+        llm, error = None, None
+        try:
+            llm = AsyncLLM.from_engine_args(
+                self.args,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                stat_loggers=[_progress_logger_factory(self.progress)],
+            )
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, llm, error)
+        except RuntimeError:  # the loop is gone: the server stopped during start-up
+            if llm is not None:
+                llm.shutdown()
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load an adapter into the engine under a new id (vLLM's ids are never reused)."""

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.gateway import paths
 from server.gateway.engine import EngineRejected
+from server.gateway.startup import RETRY_AFTER_S, Startup
 
 log = logging.getLogger("dsv2.errors")
 
@@ -87,6 +88,24 @@ class APIError(Exception):
     def response(self, path: str = "") -> Response:
         body = self.anthropic_body() if paths.anthropic(path) else self.body()
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class StartingUp(APIError):
+    """503 while the model starts (server.gateway.startup): Retry-After, and the phase and its progress beside
+    the error for probes and people."""
+
+    def __init__(self, startup: Startup) -> None:
+        super().__init__(
+            f"the model is starting: {startup.describe()} ({startup.elapsed():.0f} s so far)",
+            503,
+            code="starting",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+        self.phase = startup.phase
+        self.progress = startup.progress
+
+    def body(self) -> dict:
+        return {**super().body(), "phase": self.phase, "progress": self.progress}
 
 
 _ANTHROPIC_TYPES = {

@@ -1,5 +1,6 @@
 """Liveness and readiness, from state the gateway already has; neither ever waits in the engine queue.
 
+    (both fail, with the start-up phase, until the model is serving: server.gateway.startup)
     live  = engine alive ∧ not stalled (the engine has unfinished requests and made no step for
             --liveness-stall-seconds since it had them)
     ready = started ∧ not draining ∧ live ∧ generation proven within --readiness-window-seconds:
@@ -23,6 +24,7 @@ import uuid
 
 from server.gateway.admission import Admission
 from server.gateway.engine import Engine, SamplingOptions
+from server.gateway.startup import Startup
 
 log = logging.getLogger("dsv2.health")
 
@@ -32,19 +34,21 @@ PROBE_TIMEOUT_S = 30.0
 
 class Health:
     def __init__(
-        self, engine: Engine, admission: Admission, probe_prompt: list[int], window: float, stall: float
+        self, engine: Engine, admission: Admission, startup: Startup, window: float, stall: float
     ) -> None:
         self.engine = engine
         self.admission = admission
-        self.probe_prompt = probe_prompt
+        self.startup = startup
+        self.probe_prompt = [0]  # the tokenizer's BOS once it is loaded
         self.window = window
         self.stall = stall
-        self.started = False
         self._probe: asyncio.Task | None = None
         self._probe_ok_at = 0.0
         self._probe_error: str | None = None
 
     def live(self) -> tuple[bool, str]:
+        if not self.startup.serving:
+            return False, self.startup.describe()
         if self.engine.is_dead:
             return False, "engine dead"
         if self._busy():
@@ -54,8 +58,8 @@ class Health:
         return True, "ok"
 
     async def ready(self) -> tuple[bool, str]:
-        if not self.started:
-            return False, "starting"
+        if not self.startup.serving:
+            return False, self.startup.describe()
         if self.admission.draining:
             return False, "draining"
         ok, reason = self.live()

@@ -24,6 +24,7 @@ _LATENCY_BUCKETS = (
     0.5,
     0.75,
     1.0,
+    2.0,  # the TTFT SLO of the alerts
     2.5,
     5.0,
     10.0,
@@ -57,6 +58,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 class GatewayMetrics:
     def __init__(self) -> None:
+        self._rendering: asyncio.Future[bytes] | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -71,6 +73,32 @@ class GatewayMetrics:
         self.sequences_in_flight = Gauge(
             "dsv2_sequences_in_flight",
             "Sequences (prompts x n) of the generation requests being served: the admission budget in use.",
+            registry=r,
+        )
+        self.inflight_limit = Gauge(
+            "dsv2_inflight_sequences_limit",
+            "The admission budget (--max-inflight-sequences): dsv2_sequences_in_flight / this is how full the "
+            "pod is, what the autoscaler scales on.",
+            registry=r,
+        )
+        self.startup_phase = Gauge(
+            "dsv2_startup_phase",
+            "1 for the start-up phase the server is in (downloading, loading_weights, compiling, "
+            "capturing_graphs, serving), 0 for the others.",
+            ["phase"],
+            registry=r,
+        )
+        self.startup_progress = Gauge(
+            "dsv2_startup_progress_ratio",
+            "Progress of the current start-up phase where known (0..1).",
+            registry=r,
+        )
+        self.startup_downloaded = Gauge(
+            "dsv2_startup_downloaded_bytes", "Bytes of the model downloaded (or already present).", registry=r
+        )
+        self.startup_download_size = Gauge(
+            "dsv2_startup_download_size_bytes",
+            "Bytes of the model to have locally (0: nothing to download).",
             registry=r,
         )
         self.aborted = Counter(
@@ -145,6 +173,13 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+    async def exposition(self) -> bytes:
+        """The /metrics text, rendered in a worker thread so that a scrape never holds the event loop (an endpoint
+        picker scrapes every 50 ms); scrapes that arrive while one is rendered share it."""
+        if self._rendering is None or self._rendering.done():
+            self._rendering = asyncio.ensure_future(asyncio.to_thread(self.render))
+        return await asyncio.shield(self._rendering)
 
 
 class RequestTimer:

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from server import __version__
 from server.gateway import anthropic, bodies, paths, responses, serving
 from server.gateway import protocol as p
-from server.gateway.errors import APIError
+from server.gateway.errors import APIError, StartingUp
 from server.gateway.health import Health
 from server.gateway.intake import IntakeRoute
 
@@ -58,6 +58,9 @@ def _stream_response(model: type) -> dict:
 
 
 def services(request: Request) -> serving.Services:
+    startup = request.app.state.startup
+    if not startup.serving:
+        raise StartingUp(startup)
     return request.app.state.services
 
 
@@ -153,6 +156,8 @@ def health_of(request: Request) -> Health:
     summary="Liveness: the engine is alive and, with requests waiting, makes steps.",
 )
 async def health(request: Request) -> JSONResponse:
+    if not request.app.state.startup.serving:
+        return StartingUp(request.app.state.startup).response()
     ok, reason = health_of(request).live()
     if ok:
         return JSONResponse({"status": "ok"})
@@ -168,6 +173,8 @@ async def health(request: Request) -> JSONResponse:
     summary="Readiness: started, not draining, engine alive, generation proven recently; answers within 1 s.",
 )
 async def ready(request: Request) -> JSONResponse:
+    if not request.app.state.startup.serving:
+        return StartingUp(request.app.state.startup).response()
     ok, reason = await health_of(request).ready()
     if ok:
         return JSONResponse({"status": "ok"})
@@ -182,7 +189,7 @@ async def ready(request: Request) -> JSONResponse:
     },
 )
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    return Response(await request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 @router.get(paths.VERSION, response_model=bodies.Version)

@@ -17,6 +17,10 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
+    from server.gateway.startup import install_phase_reporter
+
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    # The server watches start-up phases through vLLM's log lines in these processes.
+    install_phase_reporter()
     # Config and tensor-parallel checks when vLLM builds its config, before any worker starts.
     MODELS_CONFIG_MAP[ARCHITECTURE] = DeepseekV2ConfigCheck
