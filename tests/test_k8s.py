@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,24 @@ CRD_API_VERSIONS = {
     "InferencePool": "inference.networking.k8s.io/v1",
 }
 CRDS = ROOT.parent / "shared" / "k8s-crds"
+# Custom resources whose CRDs ../shared/k8s-crds does not hold (Istio's, GKE's): checked against the structural
+# schemas below, written from the upstream CRDs' fields (istio/api networking/v1 DestinationRule; GKE's
+# networking.gke.io/v1 HealthCheckPolicy and GCPBackendPolicy, cloud.google.com/kubernetes-engine "Configure
+# Gateway resources using Policies"), unknown fields rejected.
+STRUCTURAL_ONLY = {
+    "DestinationRule": "networking.istio.io/v1",
+    "HealthCheckPolicy": "networking.gke.io/v1",
+    "GCPBackendPolicy": "networking.gke.io/v1",
+}
 
 # Overlay -> GPUs per pod it is meant to use (0 = CPU). The GPU count must also equal the overlay's own
 # --tensor-parallel-size; this table catches an overlay that drifted from its purpose.
 OVERLAYS = {"bf16": 1, "awq": 1, "tp2": 2, "cpu-demo": 0}
 GPU_OVERLAYS = [name for name, gpus in OVERLAYS.items() if gpus]
 # Each GPU overlay is also rendered with the other documented component choices: KEDA in place of the HPA
-# with the Ingress on; LLM-aware routing (inference-pool); the plain Gateway API route (httproute).
-EXTRAS = ["keda+ingress", "inference", "httproute"]
+# with the Ingress on; LLM-aware routing (inference-pool), alone and with its Istio or GKE component; the plain
+# Gateway API route (httproute).
+EXTRAS = ["keda+ingress", "inference", "inference+istio", "inference+gke", "httproute"]
 VARIANTS = [*OVERLAYS, *(f"{name}+{extra}" for extra in EXTRAS for name in GPU_OVERLAYS)]
 
 # The endpoint picker release the inference-pool component pins (its InferencePool v1 API is the CRD's).
@@ -60,8 +71,18 @@ GATEWAY_PORT = 8000
 
 # vLLM's gauges the autoscalers use, as Prometheus names them.
 VLLM_GAUGES = {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
+# The gateway's admission budget in use and its size (server/gateway/metrics.py), and the custom metric the
+# Prometheus Adapter publishes from their ratio.
+GATEWAY_IN_FLIGHT = "dsv2_sequences_in_flight"
+GATEWAY_LIMIT = "dsv2_inflight_sequences_limit"
+UTILIZATION_METRIC = "dsv2_inflight_sequences_utilization"
 
 IMAGE_REPO = "ghcr.io/dsv2-serve/dsv2-serve"
+
+# What a first start of a GPU variant must fit in its start-up probe: DeepSeek-V2-Lite-Chat's bf16 safetensors
+# (~31.4 GB; the AWQ export is ~10 GB) and, after them, loading, torch.compile and CUDA-graph capture.
+BF16_WEIGHTS_BYTES = 32e9
+LOAD_SECONDS = 900
 
 
 # ---- rendering --------------------------------------------------------------------------------------------
@@ -91,10 +112,11 @@ def _edit_components(tree: Path, overlay: str, extra: str) -> Path:
     if extra == "keda+ingress":
         components[components.index("../../components/hpa")] = "../../components/keda"
         components.append("../../components/ingress")
-    else:
-        components.append(
-            {"inference": "../../components/inference-pool", "httproute": "../../components/httproute"}[extra]
-        )
+    elif extra == "httproute":
+        components.append("../../components/httproute")
+    else:  # inference, inference+istio, inference+gke: the provider's component after the pool's
+        components.append("../../components/inference-pool")
+        components += [f"../../components/{provider}" for provider in extra.split("+")[1:]]
     path.write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return path.parent
 
@@ -153,6 +175,26 @@ def _settings_env(docs: list[dict]) -> dict[str, str]:
     return dict(configmaps[ref]["data"])
 
 
+def _container_env(docs: list[dict], container: dict) -> dict[str, str]:
+    """A container's own `env` as the kubelet resolves it: values, and ConfigMap keys (Secrets left out)."""
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif "configMapKeyRef" in item.get("valueFrom", {}):
+            ref = item["valueFrom"]["configMapKeyRef"]
+            env[item["name"]] = configmaps[ref["name"]][ref["key"]]
+    return env
+
+
+def _server_policy(docs: list[dict]) -> dict:
+    """The server's own NetworkPolicy (named as its Deployment), beside the picker's and the gke component's."""
+    name = _mine(docs, "Deployment")["metadata"]["name"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == name]
+    return policy
+
+
 @pytest.fixture(params=VARIANTS)
 def variant(request: pytest.FixtureRequest, rendered: dict[str, list[dict]]) -> tuple[str, list[dict]]:
     return request.param, rendered[request.param]
@@ -180,7 +222,7 @@ def _kubernetes_validate(path: Path) -> subprocess.CompletedProcess:
 
 def test_kubernetes_validate_strict(variant: tuple[str, list[dict]], tmp_path: Path) -> None:
     name, docs = variant
-    core = [d for d in docs if d["kind"] not in CRD_API_VERSIONS]
+    core = [d for d in docs if d["kind"] not in CRD_API_VERSIONS | STRUCTURAL_ONLY]
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump_all(core))
     proc = _kubernetes_validate(path)
@@ -382,6 +424,224 @@ def test_kubernetes_validate_rejects_bad_manifests(rendered: dict[str, list[dict
     assert _kubernetes_validate(path).returncode != 0
 
 
+# ---- Istio's and GKE's resources (their CRDs are not in ../shared/k8s-crds) --------------------------------
+
+
+def _obj(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    """A closed object: these fields only (the API server's strict field validation), the required ones present."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_TARGET_REF = _obj({"group": _STR, "kind": _STR, "name": _STR, "namespace": _STR}, ("group", "kind", "name"))
+_PORT_SPEC = {"enum": ["USE_FIXED_PORT", "USE_NAMED_PORT", "USE_SERVING_PORT"]}
+_HTTP_CHECK = _obj(
+    {
+        "host": _STR,
+        "port": {**_INT, "minimum": 1, "maximum": 65535},
+        "portName": _STR,
+        "portSpecification": _PORT_SPEC,
+        "proxyHeader": {"enum": ["NONE", "PROXY_V1"]},
+        "requestPath": {**_STR, "pattern": "^/"},
+        "response": _STR,
+    }
+)
+_METADATA = {
+    "type": "object"
+}  # kubernetes-validate checks ObjectMeta on the built-in kinds; names here are kustomize's
+STRUCTURAL_SCHEMAS = {
+    # networking.gke.io/v1 HealthCheckPolicy (spec.default: BackendService health-check settings).
+    "HealthCheckPolicy": _obj(
+        {
+            "apiVersion": {"const": "networking.gke.io/v1"},
+            "kind": {"const": "HealthCheckPolicy"},
+            "metadata": _METADATA,
+            "spec": _obj(
+                {
+                    "targetRef": _TARGET_REF,
+                    "default": _obj(
+                        {
+                            "checkIntervalSec": {**_INT, "minimum": 1, "maximum": 300},
+                            "timeoutSec": {**_INT, "minimum": 1, "maximum": 300},
+                            "healthyThreshold": {**_INT, "minimum": 1, "maximum": 10},
+                            "unhealthyThreshold": {**_INT, "minimum": 1, "maximum": 10},
+                            "logConfig": _obj({"enabled": _BOOL}),
+                            "config": {
+                                **_obj(
+                                    {
+                                        "type": {"enum": ["TCP", "HTTP", "HTTPS", "HTTP2", "GRPC"]},
+                                        "httpHealthCheck": _HTTP_CHECK,
+                                        "httpsHealthCheck": _HTTP_CHECK,
+                                        "http2HealthCheck": _HTTP_CHECK,
+                                    },
+                                    ("type",),
+                                ),
+                                "minProperties": 2,
+                            },
+                        }
+                    ),
+                },
+                ("targetRef",),
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
+    # networking.gke.io/v1 GCPBackendPolicy (spec.default: BackendService settings).
+    "GCPBackendPolicy": _obj(
+        {
+            "apiVersion": {"const": "networking.gke.io/v1"},
+            "kind": {"const": "GCPBackendPolicy"},
+            "metadata": _METADATA,
+            "spec": _obj(
+                {
+                    "targetRef": _TARGET_REF,
+                    "default": _obj(
+                        {
+                            "timeoutSec": {**_INT, "minimum": 1},
+                            "connectionDraining": _obj(
+                                {"drainingTimeoutSec": {**_INT, "minimum": 0, "maximum": 3600}}
+                            ),
+                            "logging": _obj(
+                                {"enabled": _BOOL, "sampleRate": {**_INT, "minimum": 0, "maximum": 1000000}}
+                            ),
+                            "maxRatePerEndpoint": _INT,
+                            "securityPolicy": _STR,
+                            "backendPreference": {"enum": ["DEFAULT", "PREFERRED"]},
+                            "sessionAffinity": {"type": "object"},
+                            "iap": {"type": "object"},
+                        }
+                    ),
+                },
+                ("targetRef",),
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
+    # networking.istio.io/v1 DestinationRule (the part a TLS origination uses).
+    "DestinationRule": _obj(
+        {
+            "apiVersion": {"const": "networking.istio.io/v1"},
+            "kind": {"const": "DestinationRule"},
+            "metadata": _METADATA,
+            "spec": _obj(
+                {
+                    "host": _STR,
+                    "exportTo": {"type": "array", "items": _STR},
+                    "trafficPolicy": _obj(
+                        {
+                            "tls": _obj(
+                                {
+                                    "mode": {"enum": ["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]},
+                                    "insecureSkipVerify": _BOOL,
+                                    "sni": _STR,
+                                    "caCertificates": _STR,
+                                    "credentialName": _STR,
+                                    "subjectAltNames": {"type": "array", "items": _STR},
+                                }
+                            ),
+                            "connectionPool": {"type": "object"},
+                        }
+                    ),
+                },
+                ("host",),
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
+}
+
+
+def _structural_errors(doc: dict) -> list[str]:
+    from jsonschema import Draft7Validator
+
+    name = f"{doc['kind']}/{doc['metadata']['name']}"
+    return [
+        f"{name} {'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in Draft7Validator(STRUCTURAL_SCHEMAS[doc["kind"]]).iter_errors(doc)
+    ]
+
+
+def test_istio_and_gke_resources(variant: tuple[str, list[dict]]) -> None:
+    """The istio and gke components: their resources against the structural schemas, and their wiring: TLS to the
+    picker's own Service, health checks on the server's /ready port, stream-long backend timeouts on GKE (which
+    rejects HTTPRoute timeouts), and the load balancers' ranges admitted to exactly the ports they call."""
+    name, docs = variant
+    for doc in docs:
+        if doc["kind"] in STRUCTURAL_ONLY:
+            assert doc["apiVersion"] == STRUCTURAL_ONLY[doc["kind"]]
+            assert not _structural_errors(doc), _structural_errors(doc)
+    rules = [d for d in docs if d["kind"] == "DestinationRule"]
+    assert bool(rules) == name.endswith("+istio")
+    for rule in rules:
+        picker = _one(
+            [d for d in docs if d["kind"] == "Service" and "epp" in d["metadata"]["name"]], "Service"
+        )
+        assert rule["spec"]["host"] == picker["metadata"]["name"], "the rule names the picker's Service"
+        assert rule["spec"]["trafficPolicy"]["tls"] == {"mode": "SIMPLE", "insecureSkipVerify": True}
+
+    policies = [d for d in docs if d["kind"] in {"HealthCheckPolicy", "GCPBackendPolicy"}]
+    assert bool(policies) == name.endswith("+gke")
+    if not policies:
+        return
+    route = _one(docs, "HTTPRoute")
+    backends = {(b.get("group", ""), b.get("kind", "Service"), b["name"]) for r in route["spec"]["rules"] for b in r["backendRefs"]}  # fmt: skip
+    for kind in ("HealthCheckPolicy", "GCPBackendPolicy"):
+        targeted = {(p["spec"]["targetRef"]["group"], p["spec"]["targetRef"]["kind"], p["spec"]["targetRef"]["name"]) for p in policies if p["kind"] == kind}  # fmt: skip
+        assert targeted == backends, f"one {kind} per backend of the route: {targeted} != {backends}"
+    server = _server(docs)
+    for check in (p for p in policies if p["kind"] == "HealthCheckPolicy"):
+        http = check["spec"]["default"]["config"]["httpHealthCheck"]
+        assert http["requestPath"] == server["readinessProbe"]["httpGet"]["path"] == "/ready"
+        assert http["port"] == GATEWAY_PORT
+    for backend in (p for p in policies if p["kind"] == "GCPBackendPolicy"):
+        assert backend["spec"]["default"]["timeoutSec"] >= 600, "GKE's 30 s default would cut streams"
+    assert all("timeouts" not in r for r in route["spec"]["rules"]), "GKE rejects HTTPRoute timeouts"
+
+    ranges = {"35.191.0.0/16", "130.211.0.0/22"}  # Google's health-check and front-end ranges
+    picker_pod = next(d for d in docs if d["kind"] == "Deployment" and "epp" in d["metadata"]["name"])
+    for pod_labels, port_names in (
+        (_pod(docs)["metadata"]["labels"], {"http"}),
+        (picker_pod["spec"]["template"]["metadata"]["labels"], {"grpc", "grpc-health"}),
+    ):
+        (policy,) = [
+            d
+            for d in docs
+            if d["kind"] == "NetworkPolicy"
+            and d["metadata"]["name"].endswith(f"-gke-{_overlay(name)}")
+            and _selects(d["spec"]["podSelector"]["matchLabels"], pod_labels)
+        ]
+        assert policy["spec"]["policyTypes"] == ["Ingress"], "it only widens the component's own policy"
+        (rule,) = policy["spec"]["ingress"]
+        assert {p["port"] for p in rule["ports"]} == port_names
+        assert ranges <= {peer["ipBlock"]["cidr"] for peer in rule["from"]}
+
+
+def test_structural_schemas_reject_bad_resources(rendered: dict[str, list[dict]]) -> None:
+    """The schemas above do fail: an unknown field, a wrong type, a bad enum value, a relative path."""
+    docs = rendered["bf16+inference+gke"]
+    check = copy.deepcopy(_one([d for d in docs if d["metadata"]["name"].startswith("dsv2-serve-pool")], "HealthCheckPolicy"))  # fmt: skip
+    assert not _structural_errors(check)
+    check["spec"]["default"]["checkIntervalSec"] = "5"
+    assert _structural_errors(check)
+    check = copy.deepcopy(_one([d for d in docs if d["metadata"]["name"].startswith("dsv2-serve-pool")], "HealthCheckPolicy"))  # fmt: skip
+    check["spec"]["default"]["config"]["httpHealthCheck"]["requestPath"] = "ready"
+    assert _structural_errors(check)
+    backend = copy.deepcopy(_one([d for d in docs if d["metadata"]["name"].startswith("dsv2-serve-pool")], "GCPBackendPolicy"))  # fmt: skip
+    backend["spec"]["default"]["timeout"] = 3600  # the field is timeoutSec
+    assert _structural_errors(backend)
+    rule = copy.deepcopy(_one(rendered["bf16+inference+istio"], "DestinationRule"))
+    assert not _structural_errors(rule)
+    rule["spec"]["trafficPolicy"]["tls"]["mode"] = "TLS"
+    assert _structural_errors(rule)
+
+
 def test_custom_resources_structure(variant: tuple[str, list[dict]]) -> None:
     name, docs = variant
     for doc in docs:
@@ -389,22 +649,25 @@ def test_custom_resources_structure(variant: tuple[str, list[dict]]) -> None:
             assert doc["apiVersion"] == CRD_API_VERSIONS[doc["kind"]]
             assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, sorted(doc)
 
-    service = _mine(docs, "Service")
-    service_ports = {p["name"] for p in service["spec"]["ports"]}
-    monitor = _maybe(docs, "ServiceMonitor")
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
     if OVERLAYS[_overlay(name)]:
-        assert monitor is not None, "GPU variants ship a ServiceMonitor"
-    if monitor is not None:
+        assert _mine(docs, "ServiceMonitor"), "GPU variants ship a ServiceMonitor"
+    services = [d for d in docs if d["kind"] == "Service"]
+    for monitor in monitors:  # the server's, and with the inference pool the picker's
         spec = monitor["spec"]
         assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels"}
         selector = spec["selector"]["matchLabels"]
-        assert selector.items() <= service["metadata"]["labels"].items(), "ServiceMonitor misses the Service"
         assert selector.get("app.kubernetes.io/instance"), (
             "ServiceMonitor would scrape every variant's Service"
         )
+        (target,) = [d for d in services if selector.items() <= d["metadata"]["labels"].items()]
+        assert (
+            monitor["metadata"]["labels"]["app.kubernetes.io/name"]
+            == target["metadata"]["labels"]["app.kubernetes.io/name"]
+        ), "each monitor scrapes its own component's Service"
         for endpoint in spec["endpoints"]:
             assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
-            assert endpoint["port"] in service_ports
+            assert endpoint["port"] in {p["name"] for p in target["spec"]["ports"]}
             assert endpoint["path"] == "/metrics"
             assert _seconds(endpoint["scrapeTimeout"]) < _seconds(endpoint["interval"])
 
@@ -464,6 +727,11 @@ def _resolve_settings(docs: list[dict], monkeypatch: pytest.MonkeyPatch):
             monkeypatch.delenv(key)
     for key, value in _settings_env(docs).items():
         monkeypatch.setenv(key, value)
+    # The container's own env wins over envFrom (DSV2_MODEL and DSV2_REVISION from the model-download component);
+    # the key file is the named-keys component's, checked by its own test.
+    for key, value in _container_env(docs, _server(docs)).items():
+        if key.startswith("DSV2_") and key != "DSV2_API_KEY_FILE":
+            monkeypatch.setenv(key, value)
     monkeypatch.setenv("DSV2_API_KEYS", "sk-test")  # from a Secret in the pod
     ns, extra = parser.parse_known_args(["serve", *_server(docs).get("args", [])])
     return settings_from_args(ns, extra), extra
@@ -572,6 +840,13 @@ def test_probes_and_port_match_gateway(
     startup = server["startupProbe"]
     budget = startup["periodSeconds"] * startup["failureThreshold"]
     assert budget >= (1200 if _server(docs)["resources"]["limits"].get("nvidia.com/gpu") else 120), budget
+    if settings.download_dir:
+        # The server downloads before it loads: the bf16 weights (~32 GB) at 100 Mbit/s, plus a first start's
+        # load, torch.compile and CUDA-graph capture (docs/kubernetes.md, "Model cache").
+        assert budget >= BF16_WEIGHTS_BYTES / (100e6 / 8) + LOAD_SECONDS, budget
+        assert _mine(docs, "Deployment")["spec"]["progressDeadlineSeconds"] > budget, (
+            "a rollout still downloading is not reported failed"
+        )
 
     # Readiness as the gateway computes it (server/gateway/health.py): an idle pod refreshes its proof on a
     # /ready older than half the window, so probes at most half a window apart always find it proven; when
@@ -653,7 +928,10 @@ def test_security_context(variant: tuple[str, list[dict]]) -> None:
     env = {e["name"]: e.get("value") for e in _server(docs)["env"]}
     assert env["HOME"] in server_mounts and not server_mounts[env["HOME"]].get("readOnly")
     if "/models" in server_mounts:
-        assert server_mounts["/models"]["readOnly"] is True, "the server only reads the weights"
+        downloads = _container_env(docs, _server(docs)).get("DSV2_DOWNLOAD_DIR") == "/models"
+        assert server_mounts["/models"].get("readOnly", False) is not downloads, (
+            "read-only, unless the server downloads the weights into it"
+        )
 
 
 def test_resources_sized(variant: tuple[str, list[dict]]) -> None:
@@ -683,20 +961,22 @@ def test_resources_sized(variant: tuple[str, list[dict]]) -> None:
 
 
 def test_compile_caches_on_the_model_volume(variant: tuple[str, list[dict]]) -> None:
-    """Every compiler's cache under /cache/compile, which is the model PVC (survives restarts, shared by
-    replicas) wherever there is one, and the cache emptyDir otherwise (CPU demo)."""
+    """Every compiler's cache in one directory on a writable volume: the model PVC (survives restarts, shared by
+    replicas) wherever there is one, the cache emptyDir otherwise (CPU demo). Each tool creates its own
+    directory, so no init step (or subPath) has to exist first."""
     name, docs = variant
     server = _server(docs)
-    env = {e["name"]: e.get("value") for e in server["env"]}
+    env = _container_env(docs, server)
     caches = ["VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH",
               "FLASHINFER_WORKSPACE_BASE", "DG_JIT_CACHE_DIR"]  # fmt: skip
-    assert all(env[key].startswith("/cache/compile/") for key in caches), env
+    roots = {env[key].rsplit("/", 1)[0] for key in caches}
+    assert len(roots) == 1, f"one compile-cache directory: {roots}"
+    (root,) = roots
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
-    volumes = {v["name"]: v for v in _pod(docs)["spec"]["volumes"]}
-    if OVERLAYS[_overlay(name)]:
-        assert "persistentVolumeClaim" in volumes[mounts["/cache/compile"]["name"]]
-    else:
-        assert "/cache/compile" not in mounts and "emptyDir" in volumes[mounts["/cache"]["name"]]
+    (mount,) = [m for path, m in mounts.items() if root.startswith(path + "/")]
+    assert not mount.get("readOnly") and "subPath" not in mount
+    volume = {v["name"]: v for v in _pod(docs)["spec"]["volumes"]}[mount["name"]]
+    assert ("persistentVolumeClaim" in volume) == bool(OVERLAYS[_overlay(name)]), volume
 
 
 def test_topology_spread(variant: tuple[str, list[dict]]) -> None:
@@ -715,16 +995,14 @@ def test_topology_spread(variant: tuple[str, list[dict]]) -> None:
 
 
 def test_network_policy_egress(variant: tuple[str, list[dict]]) -> None:
-    """DNS reaches CoreDNS and NodeLocal DNSCache (169.254.20.10, host network); HTTPS only public addresses."""
+    """DNS to port 53 of any address: CoreDNS behind the kube-dns ClusterIP in iptables and IPVS mode, NodeLocal
+    DNSCache on the host network (169.254.20.10, and the ClusterIP itself in iptables mode), which no namespace or
+    pod selector matches. HTTPS only to public addresses."""
     _, docs = variant
-    egress = _one(docs, "NetworkPolicy")["spec"]["egress"]
+    egress = _server_policy(docs)["spec"]["egress"]
     (dns,) = [r for r in egress if {p["port"] for p in r["ports"]} == {53}]
     assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
-    peers = dns["to"]
-    assert {"kubernetes.io/metadata.name": "kube-system"} in [
-        p.get("namespaceSelector", {}).get("matchLabels") for p in peers
-    ]
-    assert {"cidr": "169.254.20.10/32"} in [p.get("ipBlock") for p in peers]
+    assert "to" not in dns, "a `to` peer would miss a DNS server on the host network or behind a ClusterIP"
     (https,) = [r for r in egress if {p["port"] for p in r["ports"]} == {443}]
     (block,) = [p["ipBlock"] for p in https["to"]]
     assert (
@@ -776,7 +1054,7 @@ def test_selectors_select_the_pods(variant: tuple[str, list[dict]]) -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     assert pdb["spec"].get("maxUnavailable", 0) >= 1, "a one-replica deployment must stay drainable"
 
-    policy = _one(docs, "NetworkPolicy")
+    policy = _server_policy(docs)
     assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     for rule in policy["spec"]["ingress"]:
         assert {p["port"] for p in rule["ports"]} <= {"http", GATEWAY_PORT}
@@ -813,29 +1091,228 @@ def _selects(selector: dict, labels: dict) -> bool:
     return selector.items() <= labels.items()
 
 
-def test_routes_expose_only_the_api(variant: tuple[str, list[dict]]) -> None:
-    """The Gateway API routes: /v1 only, to this variant's Service or InferencePool, with a stream-long timeout."""
+# What the endpoint picker's OpenAI parser does with a request (gateway-api-inference-extension v1.5.0,
+# pkg/epp/framework/plugins/requesthandling/parsers/openai/openai.go): determineAPITypeFromPath takes the API from
+# the path's suffix, in this order, and calls anything else "completions"; extractRequestBody then requires that
+# API's field or fails, and the director answers 400 BadRequest (pkg/epp/requestcontrol/director.go). A request
+# without a body (GET) never reaches the parser (pkg/epp/handlers/request.go: any endpoint).
+PICKER_APIS = [
+    ("/conversations", "items"),
+    ("/responses", "input"),
+    ("/chat/completions", "messages"),
+    ("/completions", "prompt"),
+    ("/embeddings", "input"),
+]
+# The parser the picker config must name for PICKER_APIS to describe it.
+PICKER_PARSER = "openai-parser"
+
+
+def _picker_field(path: str) -> str | None:
+    """The body field the picker's OpenAI parser requires on `path`; None where it falls back to completions."""
+    return next((field for suffix, field in PICKER_APIS if path.endswith(suffix)), None)
+
+
+def _api_routes() -> list[tuple[str, str, type | None]]:
+    """(method, concrete path, request body model) of every route of the gateway app, the LoRA admin routes
+    included, from the app itself (paths.py names them)."""
+    from pydantic import BaseModel
+
+    from server.gateway.app import create_app
+    from server.settings import Settings
+    from tests.fake_engine import FakeEngine
+
+    app = create_app(
+        Settings(model="/nonexistent/model", allow_runtime_lora_updating=True, playground=True),
+        engine=FakeEngine(),
+    )
+    out = []
+    for route in app.routes:
+        path = getattr(route, "path", None)
+        if not path or not getattr(route, "methods", None):
+            continue
+        concrete = re.sub(r"\{[^}]+\}", "deepseek-v2-lite-chat", path)
+        endpoint = getattr(route, "endpoint", None)
+        models = [
+            hint
+            for hint in (typing.get_type_hints(endpoint).values() if endpoint else [])
+            if isinstance(hint, type) and issubclass(hint, BaseModel)
+        ]
+        for method in route.methods - {"HEAD", "OPTIONS"}:
+            out.append((method, concrete, models[0] if models else None))
+    return out
+
+
+def _path_matches(kind: str, value: str, path: str) -> bool:
+    """Gateway API (and Ingress) path matching: Exact is equality, a prefix matches whole path elements."""
+    if kind == "Exact":
+        return path == value
+    assert kind in {"PathPrefix", "Prefix"}, f"path match type {kind} not modelled here"
+    prefix = value.rstrip("/")
+    return prefix == "" or path == prefix or path.startswith(prefix + "/")
+
+
+def _route_backend(route: dict, method: str, path: str) -> dict | None:
+    """The backend an HTTPRoute sends (method, path) to, by Gateway API precedence: an Exact path match, then
+    the longest prefix, then a method match (no header or query matches used here); ties go to the first rule."""
+    best = None
+    for rule in route["spec"]["rules"]:
+        for match in rule.get("matches", [{}]):
+            assert not match.get("headers") and not match.get("queryParams"), "not modelled here"
+            kind, value = (match.get("path") or {"type": "PathPrefix", "value": "/"}).values()
+            if not _path_matches(kind, value, path) or match.get("method", method) != method:
+                continue
+            rank = (kind == "Exact", len(value), "method" in match)
+            if best is None or rank > best[0]:
+                (backend,) = rule["backendRefs"]
+                best = (rank, backend)
+    return best[1] if best else None
+
+
+def _ingress_backend(ingress: dict, path: str) -> dict | None:
+    """The backend an Ingress sends `path` to: Exact before Prefix, then the longest prefix (ingress-nginx)."""
+    best = None
+    for rule in ingress["spec"]["rules"]:
+        for item in rule["http"]["paths"]:
+            if _path_matches(item["pathType"], item["path"], path):
+                rank = (item["pathType"] == "Exact", len(item["path"]))
+                if best is None or rank > best[0]:
+                    best = (rank, {"kind": "Service", "name": item["backend"]["service"]["name"]})
+    return best[1] if best else None
+
+
+@pytest.fixture(scope="session")
+def api_routes() -> list[tuple[str, str, type | None]]:
+    return _api_routes()
+
+
+def test_every_api_path_reaches_a_backend_that_accepts_it(
+    variant: tuple[str, list[dict]], api_routes: list[tuple[str, str, type | None]]
+) -> None:
+    """Each path of the app, as each routing variant resolves it: every /v1 path reaches a backend (no 404 from
+    the Gateway); the InferencePool gets exactly the requests the picker's OpenAI parser accepts, each parsed as
+    the API the server serves there (the field the picker requires is the one the server requires); every other
+    /v1 path (Anthropic Messages and count_tokens, models, LoRA admin, unknown paths) goes to the Service; paths
+    outside /v1 (probes, metrics, playground, docs) are not routed at all."""
+    name, docs = variant
+    route, ingress = _maybe(docs, "HTTPRoute"), _maybe(docs, "Ingress")
+    assert (route is not None) == ("inference" in name or "httproute" in name)
+    assert (ingress is not None) == ("ingress" in name)
+    if route is None and ingress is None:
+        return
+    service = _mine(docs, "Service")
+    pool = _maybe(docs, "InferencePool")
+    if pool is not None:
+        picker_config = _picker_config(docs)
+        assert picker_config["parser"]["pluginRef"] == PICKER_PARSER
+        assert {"type": PICKER_PARSER} in picker_config["plugins"], "the parser the route is designed for"
+    paths = {(m, p): model for m, p, model in api_routes}
+    assert ("POST", "/v1/messages") in paths and ("POST", "/v1/load_lora_adapter") in paths
+    paths[("POST", "/v1/no-such-api")] = None  # the server's own 404, not the Gateway's
+    to_pool = set()
+    for (method, path), model in sorted(paths.items()):
+        backend = _route_backend(route, method, path) if route else _ingress_backend(ingress, path)
+        if not path.startswith("/v1/"):
+            assert backend is None, f"{name}: {path} is exposed; only the API goes public"
+            continue
+        assert backend is not None, f"{name}: {method} {path} reaches no backend"
+        if backend.get("kind") == "InferencePool":
+            assert backend["name"] == pool["metadata"]["name"]
+            field = _picker_field(path)
+            assert method == "POST" and field, (
+                f"{name}: the pool gets only POSTs the picker parses: {method} {path}"
+            )
+            assert model is not None and model.model_fields[field].is_required(), (
+                f"{path}: the picker requires `{field}`, the server's {model.__name__} does not"
+            )
+            to_pool.add(path)
+        else:
+            assert (
+                backend.get("kind", "Service") == "Service" and backend["name"] == service["metadata"]["name"]
+            )
+            assert backend.get("port", 80) in {p["port"] for p in service["spec"]["ports"]}
+    if pool is not None:  # every OpenAI generation API the picker parses gets its scoring
+        assert to_pool == {p for (m, p) in paths if m == "POST" and _picker_field(p)}, to_pool
+        assert to_pool == {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
+    else:
+        assert not to_pool
+
+
+def test_routes_keep_streams_open(variant: tuple[str, list[dict]]) -> None:
+    """Each route rule outlasts a long stream (GKE, which rejects the field, gets GCPBackendPolicy timeouts)."""
     name, docs = variant
     route = _maybe(docs, "HTTPRoute")
-    assert (route is not None) == name.endswith(("+inference", "+httproute"))
     if route is None:
         return
     assert route["spec"]["parentRefs"] and all(
         ref["kind"] == "Gateway" for ref in route["spec"]["parentRefs"]
     )
     for rule in route["spec"]["rules"]:
-        assert [m["path"] for m in rule["matches"]] == [{"type": "PathPrefix", "value": "/v1"}]
-        assert _seconds(rule["timeouts"]["request"]) >= 600, "long streams must not hit the route's timeout"
-        (backend,) = rule["backendRefs"]
-        if name.endswith("+inference"):
-            assert (backend["group"], backend["kind"]) == ("inference.networking.k8s.io", "InferencePool")
-            assert backend["name"] == _one(docs, "InferencePool")["metadata"]["name"]
+        if name.endswith("+gke"):
+            assert "timeouts" not in rule  # test_istio_and_gke_resources checks the policies
         else:
-            service = _mine(docs, "Service")
-            assert (
-                backend.get("kind", "Service") == "Service" and backend["name"] == service["metadata"]["name"]
+            assert _seconds(rule["timeouts"]["request"]) >= 600, (
+                "long streams must not hit the route's timeout"
             )
-            assert backend["port"] in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_routing_model_is_gateway_api_precedence() -> None:
+    """The resolver above on a route written against it: Exact beats a longer prefix, element-wise prefixes,
+    method matches, first rule on a tie."""
+    route = {
+        "spec": {
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
+                    "backendRefs": [{"name": "a"}],
+                },
+                {
+                    "matches": [{"path": {"type": "Exact", "value": "/v1/x"}, "method": "POST"}],
+                    "backendRefs": [{"name": "b"}],
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v1/x/y"}}],
+                    "backendRefs": [{"name": "c"}],
+                },
+            ]
+        }
+    }
+    resolve = lambda m, p: (_route_backend(route, m, p) or {}).get("name")  # noqa: E731
+    assert resolve("POST", "/v1/x") == "b" and resolve("GET", "/v1/x") == "a"
+    assert resolve("GET", "/v1/x/y/z") == "c" and resolve("GET", "/v1/xy") == "a"
+    assert resolve("GET", "/v10") is None and resolve("GET", "/health") is None
+    assert _picker_field("/v1/messages") is None and _picker_field("/v1/messages/count_tokens") is None
+    assert (
+        _picker_field("/v1/chat/completions") == "messages" and _picker_field("/v1/load_lora_adapter") is None
+    )
+
+
+def _picker_config(docs: list[dict]) -> dict:
+    """The EndpointPickerConfig the picker reads: the file --config-file names in the mounted ConfigMap."""
+    (picker,) = [d for d in docs if d["kind"] == "Deployment" and d is not _mine(docs, "Deployment")]
+    pod = picker["spec"]["template"]
+    (epp,) = pod["spec"]["containers"]
+    path = _flags(epp["args"])["--config-file"]
+    (mount,) = [m for m in epp["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    (configmap,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    return yaml.safe_load(configmap["data"][path.rsplit("/", 1)[1]])
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    """Go-style flags: `--name value` and `--name=value`."""
+    out, i = {}, 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if eq:
+            out[name] = value
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[name], i = args[i + 1], i + 1
+        else:
+            out[name] = "true"
+        i += 1
+    return out
 
 
 def test_endpoint_picker_serves_this_variants_pool(variant: tuple[str, list[dict]]) -> None:
@@ -843,7 +1320,7 @@ def test_endpoint_picker_serves_this_variants_pool(variant: tuple[str, list[dict
     server pods on the gateway's port; the picker may read what it needs and nothing else."""
     name, docs = variant
     pool = _maybe(docs, "InferencePool")
-    assert (pool is not None) == name.endswith("+inference")
+    assert (pool is not None) == ("+inference" in name)
     if pool is None:
         return
     server = _mine(docs, "Deployment")
@@ -851,6 +1328,7 @@ def test_endpoint_picker_serves_this_variants_pool(variant: tuple[str, list[dict
     assert pool["spec"]["selector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
     assert [p["number"] for p in pool["spec"]["targetPorts"]] == [GATEWAY_PORT]
     assert pool["spec"]["endpointPickerRef"]["failureMode"] == "FailOpen"
+    assert "appProtocol" not in pool["spec"], "spec.appProtocol exists only from the v1.4.0 CRD"
 
     (picker,) = [d for d in docs if d["kind"] == "Deployment" and d is not server]
     pod = picker["spec"]["template"]
@@ -871,27 +1349,48 @@ def test_endpoint_picker_serves_this_variants_pool(variant: tuple[str, list[dict
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
     (epp,) = pod["spec"]["containers"]
     container_ports = {p["name"]: p["containerPort"] for p in epp["ports"]}
-    args = epp["args"]
-    flag = {
-        args[i]: args[i + 1]
-        for i in range(len(args) - 1)
-        if args[i].startswith("--") and not args[i + 1].startswith("--")
-    }
+    flag = _flags(epp["args"])
     assert container_ports[port["targetPort"]] == int(flag["--grpc-port"])
+    # TLS as upstream runs it: the picker serves ext-proc over TLS (its default, stated), and nothing tells the
+    # Gateway or a mesh to speak cleartext HTTP/2 (h2c) to that port. pprof off; metrics without a token, but
+    # only Prometheus' namespace may reach them (below).
+    assert flag["--secure-serving"] == "true" and "appProtocol" not in port
+    assert flag["--enable-pprof"] == "false"
     assert flag["--pool-name"] == pool["metadata"]["name"], (
         "the overlay's replacement names this variant's pool"
     )
     assert flag["--pool-group"] == "inference.networking.k8s.io"
     assert epp["image"] == EPP_IMAGE and epp["imagePullPolicy"] == "IfNotPresent"
-    (config_mount,) = [
-        m for m in epp["volumeMounts"] if flag["--config-file"].startswith(m["mountPath"] + "/")
-    ]
-    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == config_mount["name"]]
-    (configmap,) = [
-        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]
-    ]
-    picker_config = yaml.safe_load(configmap["data"][flag["--config-file"].rsplit("/", 1)[1]])
+    picker_config = _picker_config(docs)
     assert picker_config["kind"] == "EndpointPickerConfig"
+    # The config comes from a configMapGenerator: its name carries the content's hash, so an edit (which the
+    # picker only reads at start) changes the pod template and rolls the picker.
+    (config_volume,) = [v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v]
+    assert re.fullmatch(rf"dsv2-serve-epp-{_overlay(name)}-[a-z0-9]{{10}}", config_volume), config_volume
+
+    # Its NetworkPolicy: ext-proc from the namespace (an inference Gateway there) and a shared Gateway namespace,
+    # metrics from Prometheus' namespace only; out to this variant's pods' port and the API server only.
+    (policy,) = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == picker["metadata"]["name"]
+    ]
+    assert policy["spec"]["podSelector"]["matchLabels"] == picker["spec"]["selector"]["matchLabels"]
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    opened = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert set(opened) == {"grpc", "metrics"}, "the health port is the kubelet's; nothing else is open"
+    assert opened["metrics"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert {"podSelector": {}} in opened["grpc"]
+    (to_pods,) = [r for r in policy["spec"]["egress"] if "to" in r]
+    assert to_pods["to"] == [{"podSelector": {"matchLabels": pool["spec"]["selector"]["matchLabels"]}}]
+    assert {p["port"] for p in to_pods["ports"]} == {GATEWAY_PORT}
+    # Prometheus scrapes it (the DSV2EndpointPicker* alerts read its metrics), this variant's picker only.
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor" and _selects(d["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])]  # fmt: skip
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http-metrics"]
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}["http-metrics"] == "metrics"
+    assert container_ports["metrics"] == int(flag["--metrics-port"])
 
     # Least privilege: read its pool, pods and objectives in its own namespace; hardened like the server.
     (role,) = [d for d in docs if d["kind"] == "Role"]
@@ -933,14 +1432,23 @@ def test_autoscalers_use_vllm_gauges_through_the_adapter(rendered: dict[str, lis
     adapter = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-config.yaml").read_text())
     published = {}
     for rule in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]:
-        series = re.match(r"'?([a-z_:]+)\{", rule["seriesQuery"])[1]
+        series = re.match(r"'?([a-z0-9_:]+)\{", rule["seriesQuery"])[1]
         name = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series)
         assert rule["resources"]["overrides"] == {
             "namespace": {"resource": "namespace"},
             "pod": {"resource": "pod"},
         }, "HPA Pods metrics need series mapped to namespace and pod"
-        published[name] = series
-    assert set(published.values()) == VLLM_GAUGES
+        published[name] = rule
+    assert {
+        re.match(r"'?([a-z0-9_:]+)\{", r["seriesQuery"])[1] for r in published.values()
+    } == VLLM_GAUGES | {GATEWAY_IN_FLIGHT}
+    # The utilization rule divides the two gateway gauges of the same pods.
+    utilization = published[UTILIZATION_METRIC]["metricsQuery"]
+    assert GATEWAY_LIMIT in utilization and "<<.LabelMatchers>>" in utilization.split("/")[1]
+    from server.gateway import metrics as gateway_metrics
+
+    for gauge in (GATEWAY_IN_FLIGHT, GATEWAY_LIMIT):
+        assert f'"{gauge}"' in inspect.getsource(gateway_metrics), f"the gateway no longer exports {gauge}"
 
     for name in GPU_OVERLAYS:
         hpa = _one(rendered[name], "HorizontalPodAutoscaler")
@@ -953,79 +1461,111 @@ def test_autoscalers_use_vllm_gauges_through_the_adapter(rendered: dict[str, lis
         queried = set()
         for trigger in _one(docs, "ScaledObject")["spec"]["triggers"]:
             query = trigger["metadata"]["query"]
-            quoted = re.findall(r'"([^"]*)"', query)
-            assert quoted and quoted[0] == service, f"{name}: KEDA query not scoped to this variant: {query}"
-            queried |= set(re.findall(r"vllm:[a-z_]+", query))
-        assert queried == VLLM_GAUGES
+            matchers = re.findall(r'service="([^"]*)"', query)
+            assert matchers and set(matchers) == {service}, (
+                f"{name}: KEDA query not scoped to this variant: {query}"
+            )
+            queried |= set(re.findall(r"vllm:[a-z_]+|dsv2_[a-z_]+", query))
+        assert queried == VLLM_GAUGES | {GATEWAY_IN_FLIGHT, GATEWAY_LIMIT}
 
 
-def test_model_download_fills_the_model_directory(
-    variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_load_beyond_a_replica_shows_as_a_queue(
+    variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch, vllm_parser
 ) -> None:
-    """Run the init container's script with a stand-in huggingface_hub (and the PVC in a temporary directory):
-    it must write where --model reads, under the pinned commit, and create the compile-cache directory."""
+    """The gateway admits more sequences than vLLM batches (--max-inflight-sequences = 1.5 x --max-num-seqs), so
+    load beyond a full batch waits in vLLM's queue, where vllm:num_requests_waiting shows it to the picker's queue
+    scorer and the autoscalers, before any 429. The admission-utilization signal (in flight / budget) fires past
+    a full batch and before the budget is spent; the waiting-requests target is reachable below the 429s."""
     name, docs = variant
-    settings, _ = _resolve_settings(docs, monkeypatch)
-    init = {c["name"]: c for c in _pod(docs)["spec"].get("initContainers", [])}
+    settings, extra = _resolve_settings(docs, monkeypatch)
+    engine = vllm_parser.parse_args(extra)
+    batch, budget = engine.max_num_seqs, settings.max_inflight_sequences
+    assert batch, (
+        f"{name}: the overlay sets --max-num-seqs (vLLM's default, 1024 on large GPUs, hides the queue)"
+    )
+    assert budget * 2 == batch * 3, (
+        f"{name}: --max-inflight-sequences {budget} != 1.5 x --max-num-seqs {batch}"
+    )
+    hpa, scaled = _maybe(docs, "HorizontalPodAutoscaler"), _maybe(docs, "ScaledObject")
+    thresholds = {}
+    if hpa is not None:
+        for metric in hpa["spec"]["metrics"]:
+            thresholds[metric["pods"]["metric"]["name"]] = _quantity(metric["pods"]["target"]["averageValue"])
+    if scaled is not None:
+        for trigger in scaled["spec"]["triggers"]:
+            metric = re.search(r"(vllm:[a-z_]+|dsv2_[a-z_]+)", trigger["metadata"]["query"])[1]
+            key = UTILIZATION_METRIC if metric == GATEWAY_IN_FLIGHT else metric.replace(":", "_")
+            thresholds[key] = float(trigger["metadata"]["threshold"])
     if not OVERLAYS[_overlay(name)]:
-        assert not init and not any(d["kind"] == "PersistentVolumeClaim" for d in docs)
+        assert not thresholds, "the CPU demo has no autoscaler"
         return
-    download = init["download-model"]
-    assert download["command"] == ["python", "-c"]
+    assert batch / budget < thresholds[UTILIZATION_METRIC] < 1, thresholds
+    assert 0 < thresholds["vllm_num_requests_waiting"] < budget - batch, thresholds
 
-    configmap = _settings_env(docs)
-    env = {}
-    for item in download["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        elif "configMapKeyRef" in item["valueFrom"]:
-            env[item["name"]] = configmap[item["valueFrom"]["configMapKeyRef"]["key"]]
-    calls = []
-    fake_hub = type(sys)("huggingface_hub")
-    fake_hub.snapshot_download = lambda **kwargs: calls.append(kwargs) or kwargs["local_dir"]
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MODEL_ROOT", str(tmp_path))  # the PVC's mount point, here
-    script = compile(download["args"][0], "download-model", "exec")
-    exec(script, {})
 
-    (call,) = calls
-    revision = configmap["HF_MODEL_REVISION"]
-    assert call["repo_id"] == configmap["HF_MODEL_REPO"] and call["revision"] == revision
-    assert re.fullmatch(r"[0-9a-f]{40}", revision), "the model revision is pinned to a commit"
-    root = env["MODEL_ROOT"]
-    assert settings.model == f"{root}/{configmap['HF_MODEL_REPO']}/{revision}", "the revision is in the path"
-    assert call["local_dir"] == str(tmp_path) + settings.model[len(root) :], (
-        "--model must be the directory the init container fills"
+def _quantity(value: str) -> float:
+    return int(value[:-1]) / 1000 if str(value).endswith("m") else float(value)
+
+
+def test_server_downloads_the_pinned_model(
+    variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model-download component: the server itself downloads the overlay's repo at its pinned commit into the
+    PVC (DSV2_MODEL, DSV2_REVISION, DSV2_DOWNLOAD_DIR), visible on /health and /metrics, with no init container
+    and no --model flag that would win over the environment."""
+    name, docs = variant
+    spec = _pod(docs)["spec"]
+    assert not spec.get("initContainers"), "the download runs in the server, where probes and metrics see it"
+    settings, _ = _resolve_settings(docs, monkeypatch)
+    if not OVERLAYS[_overlay(name)]:
+        assert not settings.download_dir and not any(d["kind"] == "PersistentVolumeClaim" for d in docs)
+        return
+    server = _server(docs)
+    assert not any(a.startswith("--model") for a in server["args"]), (
+        "a --model flag would override DSV2_MODEL"
     )
-    assert "*.safetensors" in call["allow_patterns"] and "*.json" in call["allow_patterns"]
-    # A branch or tag is refused before anything is downloaded.
-    monkeypatch.setenv("HF_MODEL_REVISION", "main")
-    with pytest.raises(SystemExit, match="not a commit sha"):
-        exec(script, {})
-    assert len(calls) == 1
-
-    # Same volume, same path, in both containers; the volume is the PVC. The server also mounts the PVC's
-    # compile-cache directory (created by the script) where every compiler's cache points.
-    init_mount = {m["name"]: m["mountPath"] for m in download["volumeMounts"]}
-    server_mounts = {m["mountPath"]: m for m in _server(docs)["volumeMounts"]}
-    assert init_mount["models"] == root and server_mounts[root]["name"] == "models"
-    assert server_mounts[root]["readOnly"] is True and "subPath" not in server_mounts[root]
-    compile_mount = server_mounts["/cache/compile"]
-    assert compile_mount["name"] == "models" and not compile_mount.get("readOnly")
+    model_env = _settings_env(docs)  # the overlay's model.env, merged into the settings ConfigMap
+    env = _container_env(docs, server)
+    refs = {e["name"]: e["valueFrom"]["configMapKeyRef"]["key"] for e in server["env"] if "configMapKeyRef" in e.get("valueFrom", {})}  # fmt: skip
+    assert refs == {"DSV2_MODEL": "HF_MODEL_REPO", "DSV2_REVISION": "HF_MODEL_REVISION"}
     assert (
-        compile_mount["subPath"] == env["COMPILE_CACHE_DIR"]
-        and (tmp_path / env["COMPILE_CACHE_DIR"]).is_dir()
+        settings.model == model_env["HF_MODEL_REPO"] and settings.revision == model_env["HF_MODEL_REVISION"]
     )
-    (claim,) = [v for v in _pod(docs)["spec"]["volumes"] if v["name"] == "models"]
+    assert re.fullmatch(r"[0-9a-f]{40}", settings.revision), "the model revision is pinned to a commit"
+
+    from server.gateway.startup import is_local
+
+    assert not is_local(settings.model), "a repo id, which the server downloads"
+    # Into the PVC, writable, at the directory DSV2_DOWNLOAD_DIR names: weights (and compile caches) survive the
+    # pod and are shared by every replica.
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    mount = mounts[settings.download_dir]
+    assert not mount.get("readOnly") and "subPath" not in mount
+    (claim,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
     assert set(claim) == {"name", "persistentVolumeClaim"}
     assert (
         claim["persistentVolumeClaim"]["claimName"] == _one(docs, "PersistentVolumeClaim")["metadata"]["name"]
     )
-    token = [e for e in download["env"] if e["name"] == "HF_TOKEN"][0]["valueFrom"]["secretKeyRef"]
-    assert token["optional"] is True, "public models need no token"
-    assert {e["name"]: e.get("value") for e in _server(docs)["env"]}["HF_HUB_OFFLINE"] == "1"
+    # It reaches the hub: not offline, an optional token (public models need none), no telemetry.
+    assert env["HF_HUB_OFFLINE"] == "0" and env["HF_HUB_DISABLE_TELEMETRY"] == "1"
+    (token,) = [e["valueFrom"]["secretKeyRef"] for e in server["env"] if e["name"] == "HF_TOKEN"]
+    assert token["optional"] is True
+    assert env["HOME"] in mounts and not mounts[env["HOME"]].get("readOnly"), (
+        "hub metadata on a writable volume"
+    )
+
+
+def test_overlay_revisions_are_commits() -> None:
+    """Every overlay's model.env pins a 40-hex commit: a pod added later can never load a newer upload of a
+    branch, and a new revision is a new directory."""
+    envs = sorted(DEPLOY.glob("overlays/*/model.env"))
+    assert {p.parent.name for p in envs} == set(GPU_OVERLAYS)
+    for path in envs:
+        values = dict(
+            line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")
+        )
+        assert re.fullmatch(r"[0-9a-f]{40}", values["HF_MODEL_REVISION"]), f"{path}: not a commit sha"
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+", values["HF_MODEL_REPO"]), f"{path}: not a repo id"
 
 
 def test_cpu_demo_serves_the_checkpoint_baked_into_the_image(

@@ -271,3 +271,29 @@ def test_a_stop_during_start_up_leaves_no_engine_behind(checkpoint: Path, tmp_pa
         p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
     ]
     assert left == [], ports.tail(log)
+
+
+def test_a_complete_pinned_download_is_reused_without_the_hub(tiny_lite_dir: Path, tmp_path: Path) -> None:
+    """A restart with no egress (or HF_HUB_OFFLINE=1) serves the pinned revision already on the volume."""
+    script = (
+        "import sys; from server.gateway.startup import Startup, download;"
+        "from server.gateway.metrics import GatewayMetrics;"
+        "print(download(sys.argv[1], sys.argv[2], sys.argv[3], Startup(GatewayMetrics(), 'downloading')))"
+    )
+    models = tmp_path / "models"
+
+    def fetch(env: dict[str, str]) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+        cmd = [sys.executable, "-c", script, REPO, SHA, str(models)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    with FakeHub(REPO, SHA, tiny_lite_dir, 50e6) as hub:
+        first = fetch({"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
+    assert first.returncode == 0, first.stderr
+    assert (models / REPO / SHA / "model.safetensors").is_file()
+    for env in (
+        {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        {"HF_HUB_OFFLINE": "1"},
+    ):  # hub down; offline
+        again = fetch(env)
+        assert again.returncode == 0 and again.stdout == first.stdout, again.stderr

@@ -102,7 +102,13 @@ def download(repo: str, revision: str | None, download_dir: str | None, startup:
 
     local_dir = str(Path(download_dir, repo, revision or "main")) if download_dir else None
     kwargs = dict(repo_id=repo, revision=revision, local_dir=local_dir, allow_patterns=DOWNLOAD_PATTERNS)
-    files = snapshot_download(**kwargs, dry_run=True)
+    try:
+        files = snapshot_download(**kwargs, dry_run=True)
+    except (
+        Exception
+    ) as exc:  # offline, or the hub unreachable: a complete pinned download on disk still serves
+        log.warning("cannot list %s on the hub (%s): using the files on disk", repo, exc)
+        return snapshot_download(**kwargs)
     total = sum(f.file_size or 0 for f in files)
     missing = sum(f.file_size or 0 for f in files if f.will_download)
     state = {"done": total - missing, "logged": time.monotonic()}
