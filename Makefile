@@ -19,8 +19,14 @@ TINY_DIR ?= .cache/tiny-dsv2
 # eager only for start-up time: compiled and eager give the same tokens (tests/test_model_compiled.py).
 TINY_ARGS ?= --enforce-eager
 PYTEST_ARGS ?=
+# `make eval TARGET=http://127.0.0.1:8000 TASKS=mmlu,gsm8k LIMIT=200 EVAL_ARGS="--api-key sk-..."` (docs/eval.md);
+# no TASKS = every row of the model card, no LIMIT = whole datasets.
+TARGET ?= http://$(HOST):$(PORT)
+TASKS ?=
+LIMIT ?=
+EVAL_ARGS ?=
 
-.PHONY: help install serve test test-fast lint format tiny-model loadtest bench clean
+.PHONY: help install serve test test-fast lint format tiny-model loadtest bench eval clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -72,6 +78,16 @@ loadtest: $(STAMP) ## bounded headless locust run against a server on the tiny c
 bench: $(STAMP) ## side-by-side benchmarks (see docs/benchmarks.md)
 	$(PY) bench/bench_plugin.py
 	$(PY) bench/bench_gateway.py
+
+EVAL_STAMP := $(VENV)/.installed-eval
+# The eval extra's packages only (lm-eval, its MATH checker, matplotlib): the project itself is already installed.
+$(EVAL_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['eval']))" \
+		| $(PY) -m pip install --quiet --disable-pip-version-check -r /dev/stdin
+	@touch $@
+
+eval: $(EVAL_STAMP) ## score the server at TARGET against the model card with lm-eval (TASKS, LIMIT; reports/eval)
+	$(PY) -m server eval --target $(TARGET) $(if $(TASKS),--tasks $(TASKS)) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_ARGS)
 
 clean: ## remove caches and reports (keeps .venv)
 	rm -rf .cache .pytest_cache .ruff_cache reports

@@ -1,5 +1,5 @@
-"""Command line: `python -m server serve --model PATH [...]`, `python -m server tiny-model OUT_DIR [...]` and
-`python -m server tiny-lora OUT_DIR --base DIR`."""
+"""Command line: `python -m server serve --model PATH [...]`, `python -m server tiny-model OUT_DIR [...]`,
+`python -m server tiny-lora OUT_DIR --base DIR` and `python -m server eval --target URL [...]`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lora.add_argument("--rank", type=int, default=8, help="LoRA rank r.")
     lora.add_argument("--seed", type=int, default=1, help="Random seed.")
+
+    from server.eval.cli import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="Score a running server with lm-eval beside the model card's numbers (docs/eval.md).",
+        description="Run lm-eval against a running server (loglikelihood tasks through /v1/completions, generative "
+        "ones through /v1/chat/completions for the Chat model) and print, and write as JSON and a PNG chart, "
+        "each task's score beside the model card's with a verdict. Needs the eval extra: "
+        "pip install -e '.[eval]'.",
+    )
+    add_eval_arguments(evaluate)
     return parser
 
 
@@ -122,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         out = write_tiny_lora(args.out_dir, args.base, seed=args.seed, rank=args.rank)
         print(f"wrote a rank-{args.rank} LoRA adapter for {args.base} to {out}")
         return 0
+
+    if args.command == "eval":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from server.eval.cli import main as eval_main
+
+        return eval_main(args)
 
     from pydantic import ValidationError
 
