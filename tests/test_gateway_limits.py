@@ -310,3 +310,15 @@ def test_limits_are_documented():
         "DSV2EventLoopLag",
     ):
         assert flag in section, flag
+
+
+def test_continue_final_message(client):
+    partial = [*USER, {"role": "assistant", "content": "Once upon a"}]
+    r = chat(client, messages=partial, continue_final_message=True, add_generation_prompt=False)
+    assert r.status_code == 200, r.text
+    opened = chat(client, messages=partial)
+    assert r.json()["usage"]["prompt_tokens"] < opened.json()["usage"]["prompt_tokens"]  # no EOS, no new turn
+    r = chat(client, messages=partial, continue_final_message=True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", r.text
+    r = chat(client, continue_final_message=True, add_generation_prompt=False)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role", r.text

@@ -296,3 +296,15 @@ def test_json_log_lines_carry_access_fields():
     record.request_id, record.status, record.path = "abc", 200, "/health"
     line = json.loads(JSONFormatter().format(record))
     assert line["request_id"] == "abc" and line["status"] == 200 and line["level"] == "info"
+
+
+def test_continue_final_message_and_no_generation_prompt(tiny_lite_dir):
+    t = ChatTemplate(str(tiny_lite_dir))
+    started = [*MESSAGES, {"role": "assistant", "content": "Well, it was", "tool_calls": []}]
+    opened = t.render(started)
+    assert opened.endswith("Assistant: Well, it was" + t.tokenizer.eos_token + "Assistant:")
+    assert t.render(started, opened=False).endswith("Assistant: Well, it was" + t.tokenizer.eos_token)
+    continued = t.render(started, opened=False, continued=True)
+    assert continued.endswith("User: Bye\n\nAssistant: Well, it was")
+    ids = t.encode_chat(started, opened=False, continued=True)
+    assert ids == t.encode_chat(started)[: len(ids)] and t.decode(ids).endswith("Assistant: Well, it was")

@@ -54,6 +54,8 @@ class Plan:
     messages: list[dict] = field(default_factory=list)  # chat
     tools: list[dict] = field(default_factory=list)  # {"name", "description", "parameters"} for the template
     tool_choice: str | None = None  # None (no tool calls), "auto", "required" or a function name
+    generation_prompt: bool = True  # chat: the prompt ends with the assistant's turn opened
+    continue_final: bool = False  # chat: the prompt ends inside the last (assistant) message
     prompts: list[str | list[int]] = field(default_factory=list)  # completions
     echo: bool = False
 
@@ -74,6 +76,7 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
     tools = _tools(req.tools, budget, limits)
     choice = _tool_choice(req, tools)
     messages = normalize_messages(req.messages)
+    _check_continuation(req, messages)
     options = _options(req, n, limits)
     options.logprobs = (req.top_logprobs or 0) if req.logprobs else None
     answer = _response_format(req, budget)
@@ -95,7 +98,22 @@ def chat_plan(req: ChatCompletionRequest, limits: Limits) -> Plan:
         messages=messages,
         tools=tools,
         tool_choice=choice,
+        generation_prompt=req.add_generation_prompt,
+        continue_final=req.continue_final_message,
     )
+
+
+def _check_continuation(req: ChatCompletionRequest, messages: list[dict]) -> None:
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(
+            "continue_final_message continues the last message: set add_generation_prompt to false with it",
+            param="continue_final_message",
+        )
+    if req.continue_final_message and messages[-1]["role"] != "assistant":
+        raise APIError(
+            f"continue_final_message needs the last message to be the assistant's, not {messages[-1]['role']!r}",
+            param=f"messages[{len(messages) - 1}].role",
+        )
 
 
 def _tools(tools: list[Tool] | None, budget: SchemaBudget, limits: Limits) -> list[dict]:

@@ -160,6 +160,14 @@ class ChatCompletionRequest(_Strict):
     ignore_eos: IgnoreEOS = False
     min_tokens: MinTokens = None
     priority: Priority = None
+    add_generation_prompt: bool = Field(
+        default=True, description="vLLM extra: end the prompt with the assistant's turn opened."
+    )
+    continue_final_message: bool = Field(
+        default=False,
+        description="vLLM extra: continue the last message, an assistant's, instead of answering it (needs "
+        "add_generation_prompt false): the output extends its text.",
+    )
 
 
 # --- completions --------------------------------------------------------------------------------------------

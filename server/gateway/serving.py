@@ -190,7 +190,7 @@ def _encode_plan(svc: Services, plan: plans.Plan) -> list[list[int]]:
 
 
 def _encode_chat(svc: Services, plan: plans.Plan) -> list[int]:
-    return svc.template.encode_chat(plan.messages, plan.tools)
+    return svc.template.encode_chat(plan.messages, plan.tools, plan.generation_prompt, plan.continue_final)
 
 
 # --- dialects: what each API adds to the flow (its route, its id prefix, its stream, its body) ----------------------

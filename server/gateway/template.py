@@ -57,20 +57,34 @@ class ChatTemplate:
         self._split_re = re.compile(f"({_any_of(self.added)})")
         self._plain = _without_added_tokens(self.tokenizer, tokenizer_path)
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        """Normalised messages (see normalize_messages) and tools -> prompt text ending in the assistant's turn."""
+    def render(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        opened: bool = True,
+        continued: bool = False,
+    ) -> str:
+        """Normalised messages (see normalize_messages) and tools -> prompt text ending in the assistant's turn
+        (`opened`), inside the last message (`continued`: its end-of-turn left out), or after the last turn."""
         with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
         return self.tokenizer.apply_chat_template(
             messages,
             tools=[{"type": "function", "function": t} for t in tools] if tools else None,
             chat_template=self.tools_template if with_tools else self.template,
             tokenize=False,
-            add_generation_prompt=True,
+            add_generation_prompt=opened,
+            continue_final_message=continued,
         )
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        opened: bool = True,
+        continued: bool = False,
+    ) -> list[int]:
         """The prompt's ids: special tokens only where the template put them, the request's text as plain text."""
-        ids = self._encode_rendered(self.render(self._guard(messages), self._guard(tools)))
+        ids = self._encode_rendered(self.render(self._guard(messages), self._guard(tools), opened, continued))
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
