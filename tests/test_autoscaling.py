@@ -6,7 +6,6 @@ waiting-requests trigger read), and load beyond the budget is refused with 429.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from tests import ports
 from tests.test_gateway_engine import MODEL, Server, module_server
-from tests.test_observability import Prometheus, tool
+from tests.test_observability import Prometheus
 
 pytestmark = pytest.mark.engine
 
@@ -57,30 +55,7 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "global": {"scrape_interval": "500ms", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": SERVICE, "static_configs": [target]}],
     }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = work / "prometheus.log"
-
-    def spawn(port: int) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            return subprocess.Popen(
-                [
-                    tool("prometheus"),
-                    f"--config.file={work / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={work / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def ready(port: int) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    proc, port = ports.launch(spawn, log, ready, timeout=60)
-    prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
+    prom = Prometheus(work, config)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -92,18 +67,14 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         yield prom
     finally:
-        proc.terminate()
-        proc.wait(30)
+        prom.stop()
 
 
 def peak(prom: Prometheus, expr: str, start: float, end: float) -> float:
     """The largest value `expr` took between two wall-clock times (a subquery at 250 ms steps)."""
     window = max(1, int(end - start + 1))
-    query = f"max_over_time(({expr})[{window}s:250ms])"
-    r = httpx.get(f"{prom.url}/api/v1/query", params={"query": query, "time": f"{end:.3f}"}, timeout=30)
-    assert r.status_code == 200, r.text
-    result = r.json()["data"]["result"]
-    assert result, f"no data for {query}"
+    result = prom.query(f"max_over_time(({expr})[{window}s:250ms])", at=end)
+    assert result, f"no data for {expr}"
     return float(result[0]["value"][1])
 
 

@@ -425,11 +425,43 @@ server = module_server("obs", "--max-inflight-sequences", "1")
 
 
 class Prometheus:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
+    """A real Prometheus (Debian's binary) on a port of its own, started with `config` in `work`."""
 
-    def query(self, expr: str) -> list[dict]:
-        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=30)
+    def __init__(self, work: Path, config: dict) -> None:
+        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = work / "prometheus.log"
+        binary = tool("prometheus")
+
+        def spawn(port: int) -> subprocess.Popen:
+            with open(self.log, "wb") as out:
+                return subprocess.Popen(
+                    [
+                        binary,
+                        f"--config.file={work / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={work / 'data'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+
+        def ready(port: int) -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.proc, port = ports.launch(spawn, self.log, ready, timeout=60)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant query, now or at the wall-clock time `at`."""
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        r = httpx.get(f"{self.url}/api/v1/query", params=params, timeout=30)
         # A starting Prometheus answers 503 "Service Unavailable" (plain text) until its TSDB is open.
         assert r.status_code == 200, f"{expr}\nHTTP {r.status_code}: {r.text[:200]}"
         body = r.json()
@@ -439,7 +471,6 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    binary = tool("prometheus")
     work = tmp_path_factory.mktemp("prometheus")
     (work / "rules.yml").write_text(yaml.safe_dump(rule_groups()))
     config = {
@@ -454,30 +485,8 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
             }
         ],
     }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = work / "prometheus.log"
-
-    def spawn(port: int) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            return subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={work / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={work / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def ready(port: int) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    proc, port = ports.launch(spawn, log, ready, timeout=60)
-    prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
+    prom = Prometheus(work, config)
+    log = prom.log
     try:
         _wait(
             lambda: _safe(lambda: prom.query(f'up{{job="{JOB}"}} == 1')), 60, f"no scrape:\n{log.read_text()}"
@@ -493,8 +502,7 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
         time.sleep(2)
         yield prom
     finally:
-        proc.terminate()
-        proc.wait(30)
+        prom.stop()
 
 
 def _safe(check):
