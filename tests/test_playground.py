@@ -50,7 +50,14 @@ def _browser_or_skip():
 @pytest.fixture(scope="module")
 def server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     _browser_or_skip()
-    srv = start_server(tiny_lite_dir, tmp_path_factory.mktemp("playground") / "server.log", "--api-keys", KEY)
+    # Room for a reply long enough that a stop always finds it still generating, however slow the machine.
+    srv = start_server(
+        tiny_lite_dir,
+        tmp_path_factory.mktemp("playground") / "server.log",
+        "--api-keys",
+        KEY,
+        max_model_len=4096,
+    )
     yield srv
     assert srv.stop() == 0, srv.logs()
 
@@ -119,7 +126,7 @@ def test_chat_streams_and_reports(page, server, tmp_path):
 def test_stop_aborts_the_generation(page, server):
     aborted = metric_exact(server, 'dsv2_aborted_requests_total{reason="client_disconnected"}')
     page.route("**/v1/chat/completions", ignore_eos)
-    page.fill("#max_tokens", "450")
+    page.fill("#max_tokens", "4000")
     page.fill("#input", "Tell me a long story")
     page.click("#send")
     reply = page.locator(".msg.assistant").last
