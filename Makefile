@@ -53,6 +53,7 @@ test: $(STAMP) ## install and run the whole test suite
 	@if [ -f scripts/install-k8s-tools.sh ]; then bash scripts/install-k8s-tools.sh; fi
 	@bash scripts/install-browser.sh
 	@bash scripts/install-prometheus.sh >/dev/null
+	@bash scripts/install-postgresql.sh >/dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests that start no vLLM engine

@@ -316,6 +316,65 @@ class Settings(ModelSettings):
         ],
         description="Allowed CORS request headers (comma-separated).",
     )
+    batch_dir: str | None = Field(
+        default=None,
+        description="Directory of the Batch API's files (files/) and, by default, its SQLite database "
+        "(batches.db); default: dsv2-batches beside the Hugging Face cache ($HF_HOME/..), the model volume.",
+    )
+    batch_store: str | None = Field(
+        default=None,
+        description="Database of batch and file metadata, an SQLAlchemy URL: postgresql://user:pass@host/db for "
+        "several replicas (they share batches through leases); default: sqlite:///<--batch-dir>/batches.db.",
+    )
+    batch_priority: int = Field(
+        default=100,
+        description="Engine priority of batch lines (lower runs first; live requests default to 0); needs "
+        "--scheduling-policy priority.",
+    )
+    batch_max_sequences: int = Field(
+        default=8,
+        ge=1,
+        description="Most sequences of batch lines in flight at once while no live request is (see "
+        "--batch-busy-max-sequences), counted inside --max-inflight-sequences.",
+    )
+    batch_busy_max_sequences: int = Field(
+        default=1,
+        ge=1,
+        description="The cap on batch sequences in flight while live requests are in flight (the batch takes "
+        "spare capacity: --batch-max-sequences only while no live request runs).",
+    )
+    batch_fifo_max_sequences: int = Field(
+        default=2,
+        ge=1,
+        description="The cap on batch sequences in flight when the engine schedules first come, first served "
+        "(no --scheduling-policy priority): batch lines cannot yield to live ones there.",
+    )
+    batch_counts_toward_limits: bool = Field(
+        default=False,
+        description="Charge batch lines to their key's requests and tokens per minute (default: batches are the "
+        "cheap lane, counted only in the key's usage metrics).",
+    )
+    batch_max_file_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1024, description="Largest file uploaded to /v1/files (413 above)."
+    )
+    batch_max_stored_bytes: int | None = Field(
+        default=None, ge=1, description="Most bytes of files one key may store (uploads and batch results)."
+    )
+    batch_max_open_batches: int | None = Field(
+        default=None, ge=1, description="Most batches one key may have not yet finished (429 above)."
+    )
+    batch_lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A replica working a batch renews its lease in the database; another replica takes the batch "
+        "over once the lease has lapsed this long.",
+    )
+    batch_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the batch worker looks for work, renews its lease and "
+        "checks for cancels and expiry.",
+    )
     playground: bool = Field(
         default=True,
         description="Serve the browser chat playground on / and /playground (off: --no-playground).",
@@ -446,6 +505,18 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--readiness-window-seconds", {"type": float}),
     ("--liveness-stall-seconds", {"type": float}),
     ("--timeout-keep-alive", {"type": int}),
+    ("--batch-dir", {}),
+    ("--batch-store", {}),
+    ("--batch-priority", {"type": int}),
+    ("--batch-max-sequences", {"type": int}),
+    ("--batch-busy-max-sequences", {"type": int}),
+    ("--batch-fifo-max-sequences", {"type": int}),
+    ("--batch-counts-toward-limits", {"action": "store_const", "const": True}),
+    ("--batch-max-file-bytes", {"type": int}),
+    ("--batch-max-stored-bytes", {"type": int}),
+    ("--batch-max-open-batches", {"type": int}),
+    ("--batch-lease-seconds", {"type": float}),
+    ("--batch-poll-seconds", {"type": float}),
     ("--cors-origins", {}),
     ("--cors-methods", {}),
     ("--cors-headers", {}),

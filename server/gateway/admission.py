@@ -36,10 +36,13 @@ class SlowClient(Exception):
 class Slot:
     """One admitted request: its id, its cost, and its engine requests still running."""
 
-    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant")
+    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant", "batch")
 
-    def __init__(self, request_id: str, cost: int, engine_ids: list[str], tenant: Tenant) -> None:
+    def __init__(
+        self, request_id: str, cost: int, engine_ids: list[str], tenant: Tenant, batch: bool = False
+    ) -> None:
         self.request_id = request_id
+        self.batch = batch  # a batch line: counted in the batch cap too
         self.cost = cost
         self.engine_ids = engine_ids
         self.pending = set(engine_ids)
@@ -57,11 +60,23 @@ class Slot:
 
 
 class Admission:
-    def __init__(self, engine: Engine, metrics: GatewayMetrics, max_inflight_sequences: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: GatewayMetrics,
+        max_inflight_sequences: int,
+        batch_budget: int | None = None,
+        batch_busy_budget: int | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.budget = max_inflight_sequences
         self.sequences = 0
+        # Batch lines' share of the budget: at most `batch_budget` of `sequences` while no live request runs,
+        # `batch_busy_budget` while one does (one line over the cap runs alone).
+        self.batch_budget = min(batch_budget or max_inflight_sequences, max_inflight_sequences)
+        self.batch_busy_budget = batch_busy_budget or self.batch_budget
+        self.batch_sequences = 0
         self.slots: dict[str, Slot] = {}
         self.engine_ids: set[str] = set()  # the engine request ids of every slot in `slots`
         self.draining = False
@@ -71,6 +86,13 @@ class Admission:
     def idle(self) -> bool:
         return not self.slots
 
+    @property
+    def batch_cap(self) -> int:
+        """The batch sequences allowed in flight now: spare capacity, the full batch cap while no live request
+        runs, the busy cap while any does."""
+        live = self.sequences - self.batch_sequences
+        return self.batch_budget if live == 0 else min(self.batch_budget, self.batch_busy_budget)
+
     @asynccontextmanager
     async def slot(
         self,
@@ -78,8 +100,9 @@ class Admission:
         request_id: str,
         engine_requests: int = 1,
         tenant: Tenant = ANONYMOUS,
+        batch: bool = False,
     ) -> AsyncIterator[Slot]:
-        slot = self._admit(cost, request_id, engine_requests, tenant)
+        slot = self._admit(cost, request_id, engine_requests, tenant, batch)
         # A normal exit with engine requests pending: the stream was not read out.
         reason = "client_disconnected"
         try:
@@ -117,7 +140,7 @@ class Admission:
 
     # --- internals -------------------------------------------------------------------------------------------
 
-    def _admit(self, cost: int, request_id: str, engine_requests: int, tenant: Tenant) -> Slot:
+    def _admit(self, cost: int, request_id: str, engine_requests: int, tenant: Tenant, batch: bool) -> Slot:
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise shutting_down()
@@ -129,6 +152,14 @@ class Admission:
             raise APIError(
                 f"the server is at capacity ({self.sequences} of {self.budget} sequences in flight; this request "
                 f"needs {cost}); retry shortly",
+                429,
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        if batch and self.batch_sequences and self.batch_sequences + cost > self.batch_cap:
+            self.metrics.rejected.labels("batch_cap").inc()
+            raise APIError(
+                f"{self.batch_sequences} of the {self.batch_cap} sequences batch lines may use now are in flight",
                 429,
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
@@ -149,9 +180,10 @@ class Admission:
         while request_id in self.slots or not self.engine_ids.isdisjoint(engine_ids):
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
             engine_ids = _engine_ids(request_id, engine_requests)
-        slot = Slot(request_id, cost, engine_ids, tenant)
+        slot = Slot(request_id, cost, engine_ids, tenant, batch)
         self.engine_ids.update(engine_ids)
         tenant.sequences += cost
+        self.batch_sequences += cost if batch else 0
         self.slots[request_id] = slot
         self.sequences += cost
         self._publish()
@@ -161,6 +193,7 @@ class Admission:
         if self.slots.pop(slot.request_id, None) is None:
             return
         self.sequences -= slot.cost
+        self.batch_sequences -= slot.cost if slot.batch else 0
         slot.tenant.sequences -= slot.cost
         self._publish()
         if not slot.pending:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from server import __version__
-from server.gateway import connections, playground
+from server.batch.routes import router as batch_router
+from server.batch.worker import Batches
+from server.gateway import connections, paths, playground
 from server.gateway.admission import Admission
 from server.gateway.engine import Engine, VLLMEngine
 from server.gateway.errors import install_handlers
@@ -62,6 +65,9 @@ def create_app(
             "--api-key-file) or serve without them on purpose with --allow-unauthenticated"
         )
     tracer = tracer if tracer is not None else tracer_from_settings(settings.otlp_traces_endpoint)
+    # The batch worker's calls into this app carry this secret (the middleware checks it); it never leaves.
+    batch_secret = secrets.token_hex(32)
+    batches = Batches(settings, metrics.registry, batch_secret)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +82,14 @@ def create_app(
     async def _serving(app: FastAPI) -> AsyncIterator[None]:
         startup = Startup(metrics, "loading_weights" if is_local(settings.model) else "downloading")
         eng = engine if engine is not None else VLLMEngine(settings)
-        admission = Admission(eng, metrics, settings.max_inflight_sequences)
+        admission = Admission(
+            eng,
+            metrics,
+            settings.max_inflight_sequences,
+            settings.batch_max_sequences,
+            settings.batch_busy_max_sequences,
+        )
+        await batches.open()  # the batch store's migrations: a database that cannot open stops the start
         health = Health(
             eng,
             admission,
@@ -96,6 +109,7 @@ def create_app(
             yield
         finally:
             bring_up.cancel()
+            await batches.stop()  # lines in flight run again later; the lease is given back
             if startup.serving and not admission.idle:
                 await admission.drain(0)
             await eng.shutdown()
@@ -137,7 +151,14 @@ def create_app(
         if not eng.priority_scheduling and any(t.priority for t in tenants.tenants):
             log.warning("API keys have default priorities, but the engine schedules first come, first served: "
                         "start with --scheduling-policy priority for them to apply")  # fmt: skip
+        if not eng.priority_scheduling:
+            admission.batch_budget = min(admission.batch_budget, settings.batch_fifo_max_sequences)
+            admission.batch_busy_budget = min(admission.batch_busy_budget, admission.batch_budget)
+            log.warning("the engine schedules first come, first served: batch lines cannot yield to live requests, "
+                        "so at most %d of their sequences run at once (--batch-fifo-max-sequences); start with "
+                        "--scheduling-policy priority to run them at --batch-priority", admission.batch_budget)  # fmt: skip
         startup.enter("serving")
+        batches.start(app, admission)
         log.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
 
     app = FastAPI(
@@ -150,8 +171,10 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.stop_server = lambda: None
+    app.state.batches = batches
     install_handlers(app)
     app.include_router(router)
+    app.include_router(batch_router)
     if settings.allow_runtime_lora_updating:
         app.include_router(lora_router)
     if settings.playground:
@@ -162,6 +185,10 @@ def create_app(
         max_request_bytes=settings.max_request_bytes,
         metrics=metrics,
         body_timeout=settings.body_timeout,
+        upload_paths=frozenset({paths.FILES}),
+        max_upload_bytes=settings.batch_max_file_bytes,
+        batch_secret=batch_secret,
+        batch_counts=settings.batch_counts_toward_limits,
     )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -193,16 +193,20 @@ class RequestTimer:
         "last",
         "ttft",
         "itl",
+        "e2e",
     )
 
-    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
+    def __init__(self, metrics: GatewayMetrics, route: str, latency: bool = True) -> None:
         self.metrics = metrics
         self.route = route
         self.start = time.perf_counter()
         self.start_wall = time.time()
         self.last: float | None = None
-        self.ttft = metrics.ttft.labels(route)
-        self.itl = metrics.itl.labels(route)
+        # Batch lines (latency=False) count their tokens but stay out of the latency histograms: those are the
+        # interactive traffic's, which the TTFT alert and the dashboards read.
+        self.ttft = metrics.ttft.labels(route) if latency else _UNTIMED
+        self.itl = metrics.itl.labels(route) if latency else _UNTIMED
+        self.e2e = metrics.e2e.labels(route) if latency else _UNTIMED
 
     def tokens(self) -> None:
         """Called each time new tokens are delivered (streams)."""
@@ -221,12 +225,20 @@ class RequestTimer:
 
     def done(self, prompt_tokens: int, completion_tokens: int) -> None:
         m = self.metrics
-        m.e2e.labels(self.route).observe(time.perf_counter() - self.start)
+        self.e2e.observe(time.perf_counter() - self.start)
         m.prompt_tokens.labels(self.route).inc(prompt_tokens)
         m.generation_tokens.labels(self.route).inc(completion_tokens)
 
     def failed(self, reason: str) -> None:
         self.metrics.failures.labels(self.route, reason).inc()
+
+
+class _Untimed:
+    def observe(self, value: float) -> None:
+        pass
+
+
+_UNTIMED = _Untimed()
 
 
 async def sample_loop_lag(histogram: Histogram, every: float = LAG_SAMPLE_EVERY_S) -> None:

@@ -8,6 +8,7 @@ Pure ASGI (not BaseHTTPMiddleware) so streams pass through untouched and client 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 import time
@@ -50,8 +51,19 @@ class GatewayMiddleware:
         max_request_bytes: int,
         metrics: GatewayMetrics,
         body_timeout: float = 60.0,
+        upload_paths: frozenset[str] = frozenset(),
+        max_upload_bytes: int = 0,
+        batch_secret: str | None = None,
+        batch_counts: bool = False,
     ) -> None:
         self.app = app
+        # Uploads (POST /v1/files) have a limit of their own; batch lines come from the batch worker in this
+        # process, with its secret and their owner's name (server.batch.worker), and count against the key's
+        # request rate only with --batch-counts-toward-limits.
+        self.upload_paths = upload_paths
+        self.max_upload_bytes = max_upload_bytes
+        self.batch_secret = batch_secret.encode() if batch_secret else None
+        self.batch_counts = batch_counts
         self.tenants = tenants
         self.max_request_bytes = max_request_bytes
         self.metrics = metrics
@@ -71,6 +83,10 @@ class GatewayMiddleware:
         status_box = [0]
         rid_header = (b"x-request-id", request_id.encode())
         tenant = ANONYMOUS if not self.tenants.enabled else self.tenants.authenticate(_offered_key(headers))
+        batch_owner = self._batch_owner(headers)
+        if batch_owner is not None:
+            tenant = batch_owner
+        state["batch"] = batch_owner is not None
         state["tenant"] = tenant or ANONYMOUS
         limited = tenant is not None and path.startswith("/v1/") and (tenant.requests or tenant.tokens)
 
@@ -84,11 +100,11 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            error = self._refuse(headers, path, scope["method"], tenant)
+            error = self._refuse(headers, path, scope["method"], tenant, batch_owner is not None)
             if error is not None:
                 await error.response(path)(scope, _no_receive, send_with_id)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, self._limited(receive, self._limit(path)), send_with_id)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path)
             if status_box[0] == 0:  # nothing sent yet: an OpenAI-shaped 500 that names the request
@@ -97,8 +113,20 @@ class GatewayMiddleware:
             request_id_var.reset(token)
             self._record(scope, path, status_box[0] or 500, start, request_id, state["tenant"])
 
+    def _batch_owner(self, headers: dict[bytes, bytes]) -> Tenant | None:
+        """The owner of a batch line, when the call carries this process's batch secret; else None."""
+        offered = headers.get(b"x-dsv2-batch-secret")
+        if (
+            self.batch_secret is None
+            or offered is None
+            or not hmac.compare_digest(offered, self.batch_secret)
+        ):
+            return None
+        name = headers.get(b"x-dsv2-batch-owner", b"").decode("latin-1")
+        return self.tenants.named(name) or ANONYMOUS
+
     def _refuse(
-        self, headers: dict[bytes, bytes], path: str, method: str, tenant: Tenant | None
+        self, headers: dict[bytes, bytes], path: str, method: str, tenant: Tenant | None, batch: bool = False
     ) -> APIError | None:
         if not path.startswith("/v1/") or method == "OPTIONS":  # probes, metrics; CORS preflight has no key
             return None
@@ -108,26 +136,30 @@ class GatewayMiddleware:
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if method == "POST" and path in paths.RATE_LIMITED:
+        if method == "POST" and path in paths.RATE_LIMITED and (not batch or self.batch_counts):
             try:
                 tenant.admit_request()
             except APIError as exc:
                 self.metrics.key_rate_limited.labels(tenant.name).inc()
                 return exc
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
-            return APIError(
-                f"request body of {int(length)} bytes exceeds the limit of {self.max_request_bytes} bytes",
-                413,
-            )
+        limit = self._limit(path)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return APIError(f"request body of {int(length)} bytes exceeds the limit of {limit} bytes", 413)
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limit(self, path: str) -> int:
+        """The largest body `path` takes: an upload's (multipart framing included), else a request's."""
+        if path in self.upload_paths:
+            return max(self.max_request_bytes, self.max_upload_bytes + 64 * 1024)
+        return self.max_request_bytes
+
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         """The body, as it arrives: counted (bodies without, or lying about, Content-Length) and timed (all of it
         within body_timeout seconds of the request's headers, else a 408 that closes the connection). What the
         app receives after the body (the client's disconnect) is not timed."""
         seen = 0
-        limit, timeout = self.max_request_bytes, self.body_timeout
+        timeout = self.body_timeout
         deadline = asyncio.get_running_loop().time() + timeout
         complete = False
 

@@ -16,6 +16,13 @@ HEALTH = "/health"
 READY = "/ready"
 METRICS = "/metrics"
 VERSION = "/version"
+# The Batch API (server.batch): files, and batches of requests run on spare capacity.
+FILES = "/v1/files"
+FILE = "/v1/files/{file_id}"
+FILE_CONTENT = "/v1/files/{file_id}/content"
+BATCHES = "/v1/batches"
+BATCH = "/v1/batches/{batch_id}"
+BATCH_CANCEL = "/v1/batches/{batch_id}/cancel"
 
 # What a key's requests_per_minute counts: each request that reads the model's tokenizer or engine.
 RATE_LIMITED = frozenset({CHAT, COMPLETIONS, RESPONSES, MESSAGES, COUNT_TOKENS})
@@ -35,6 +42,8 @@ LABELLED = frozenset(
         READY,
         METRICS,
         VERSION,
+        FILES,
+        BATCHES,
     }
 )
 MODEL_LABEL = "/v1/models/{model}"

@@ -155,7 +155,7 @@ async def _serve(
     """One generation request's life, for every API: caller → admit → encode → account → generate → the one
     stream loop (stream.py) → the API's dialect formats it, as a stream or a body."""
     caller = _caller(svc, raw, model, priority)
-    timer = RequestTimer(svc.metrics, dialect.route)
+    timer = RequestTimer(svc.metrics, dialect.route, latency=not caller.batch)
     async with AsyncExitStack() as owner:
         trace = _trace(svc, raw, caller, timer, owner, request_id)
         with trace.phase("admission"):
@@ -165,6 +165,7 @@ async def _serve(
                     dialect.prefix + request_id,
                     engine_requests=len(plan.prompts) or 1,
                     tenant=caller.tenant,
+                    batch=caller.batch,
                 )
             )
         with trace.phase("template"):
@@ -387,6 +388,7 @@ class Caller:
     priority: int
     cache_salt: str | None
     timeout: float | None  # seconds, from arrival
+    batch: bool = False  # a line of a batch (server.batch.worker): the batch cap, --batch-priority
     start: float = field(default_factory=time.monotonic)
 
     def apply(self, options: list[SamplingOptions]) -> list[SamplingOptions]:
@@ -408,18 +410,24 @@ def _reserve_tokens(
     drain, or left by its client): charged the prompt and what was generated (`usage`, which the stream loop
     counts), the rest given back."""
     tenant = caller.tenant
+    # Batch lines are the cheap lane: in the key's usage metrics always, in its tokens per minute only with
+    # --batch-counts-toward-limits.
+    charged = not caller.batch or svc.settings.batch_counts_toward_limits
     worst = usage.prompt_tokens + sum(o.n * o.max_tokens for o in options)
     try:
-        reserved = tenant.reserve_tokens(worst, "max_tokens")
+        reserved = tenant.reserve_tokens(worst, "max_tokens") if charged else 0
     except APIError:
         svc.metrics.key_rate_limited.labels(tenant.name).inc()
         raise
-    owner.callback(_settle, svc.metrics, tenant, reserved, usage)
+    owner.callback(_settle, svc.metrics, tenant, reserved, usage, charged)
     return usage
 
 
-def _settle(metrics: GatewayMetrics, tenant: Tenant, reserved: int, usage: Usage) -> None:
-    tenant.settle_tokens(reserved, usage.prompt_tokens + usage.completion_tokens)
+def _settle(
+    metrics: GatewayMetrics, tenant: Tenant, reserved: int, usage: Usage, charged: bool = True
+) -> None:
+    if charged:
+        tenant.settle_tokens(reserved, usage.prompt_tokens + usage.completion_tokens)
     metrics.key_requests.labels(tenant.name).inc()
     metrics.key_prompt_tokens.labels(tenant.name).inc(usage.prompt_tokens)
     metrics.key_generation_tokens.labels(tenant.name).inc(usage.completion_tokens)
@@ -464,8 +472,11 @@ def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Ca
                 param="priority",
             )
         chosen = 0
+    batch = getattr(raw.state, "batch", False)
+    if batch and svc.engine.priority_scheduling:  # the spare-capacity lane: never more urgent than the flag
+        chosen = max(chosen, svc.settings.batch_priority)
     salt = tenant.cache_salt if svc.tenants.enabled and svc.settings.cache_isolation else None
-    return Caller(tenant, model, adapter, chosen, salt, _timeout(svc, raw))
+    return Caller(tenant, model, adapter, chosen, salt, _timeout(svc, raw), batch)
 
 
 def _timeout(svc: Services, raw: Request) -> float | None:

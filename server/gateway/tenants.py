@@ -184,6 +184,10 @@ class Tenants:
     def enabled(self) -> bool:
         return bool(self.tenants)
 
+    def named(self, name: str) -> Tenant | None:
+        """The tenant called `name` (a batch's owner), or None."""
+        return next((t for t in self.tenants if t.name == name), None)
+
     def authenticate(self, token: bytes) -> Tenant | None:
         """The tenant whose key `token` is; every key compared, each in constant time over equal-length digests."""
         if not token:
