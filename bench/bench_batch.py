@@ -1,7 +1,7 @@
 """Benchmark (not a test): interactive latency with and without a large batch running on spare capacity.
 
     python bench/bench_batch.py [--model DIR] [--concurrency 4 --live-requests 32 --live-max-tokens 48]
-        [--batch-lines 400 --batch-max-tokens 48 --batch-max-sequences 8 --batch-busy-max-sequences 1]
+        [--batch-lines 400 --batch-max-tokens 48 --batch-max-sequences 4 --batch-busy-max-sequences 0]
         [--rounds 2] [-- ENGINE FLAGS]
 
 One server (`--scheduling-policy priority`, batch lines at --batch-priority 100); rounds alternate between the
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-max-tokens", type=int, default=48)
     parser.add_argument("--batch-lines", type=int, default=400)
     parser.add_argument("--batch-max-tokens", type=int, default=48)
-    parser.add_argument("--batch-max-sequences", type=int, default=8)
-    parser.add_argument("--batch-busy-max-sequences", type=int, default=1)
+    parser.add_argument("--batch-max-sequences", type=int, default=4)
+    parser.add_argument("--batch-busy-max-sequences", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("engine_args", nargs="*", help="vLLM engine flags (after --)")
     args = parser.parse_args(argv)

@@ -332,16 +332,17 @@ class Settings(ModelSettings):
         "--scheduling-policy priority.",
     )
     batch_max_sequences: int = Field(
-        default=8,
+        default=4,
         ge=1,
         description="Most sequences of batch lines in flight at once while no live request is (see "
         "--batch-busy-max-sequences), counted inside --max-inflight-sequences.",
     )
     batch_busy_max_sequences: int = Field(
-        default=1,
-        ge=1,
+        default=0,
+        ge=0,
         description="The cap on batch sequences in flight while live requests are in flight (the batch takes "
-        "spare capacity: --batch-max-sequences only while no live request runs).",
+        "spare capacity: --batch-max-sequences only while no live request runs); 0: no batch line starts while "
+        "a live request runs (those running finish).",
     )
     batch_fifo_max_sequences: int = Field(
         default=2,

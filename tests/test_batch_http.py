@@ -191,3 +191,29 @@ async def test_batch_cap_is_spare_capacity() -> None:
             await stack.enter_async_context(admission.slot(1, f"live{i}"))
         assert admission.sequences == 10
     assert admission.sequences == admission.batch_sequences == 0
+
+
+async def test_a_busy_cap_of_zero_starts_no_batch_line_beside_live_ones() -> None:
+    from contextlib import AsyncExitStack
+
+    from server.gateway.admission import Admission
+    from server.gateway.errors import APIError
+    from server.gateway.metrics import GatewayMetrics
+
+    admission = Admission(FakeEngine(), GatewayMetrics(), 10, batch_budget=2, batch_busy_budget=0)
+    async with AsyncExitStack() as stack:
+        running = AsyncExitStack()
+        await running.enter_async_context(admission.slot(1, "b0", batch=True))  # running when live load comes
+        live = AsyncExitStack()
+        await live.enter_async_context(admission.slot(1, "live"))
+        assert admission.batch_cap == 0
+        with pytest.raises(APIError) as refused:
+            await stack.enter_async_context(admission.slot(1, "b1", batch=True))
+        assert refused.value.status == 429
+        await running.aclose()  # the running line finished; still none may start beside the live request
+        with pytest.raises(APIError):
+            await stack.enter_async_context(admission.slot(1, "b1", batch=True))
+        await live.aclose()
+        await stack.enter_async_context(admission.slot(1, "b1", batch=True))
+        await stack.enter_async_context(admission.slot(1, "b2", batch=True))
+        assert admission.batch_sequences == 2

@@ -199,7 +199,7 @@ class Batches:
         renew = asyncio.ensure_future(self._renew(batch, stop))
         try:
             for line in todo:
-                while len(running) >= max(1, self.admission.batch_cap) and not stop:
+                while len(running) >= self.admission.batch_cap and not stop:
                     # the cap shrinks while live requests run: wait for a line to end or the live load to drop
                     if running:
                         _, running = await asyncio.wait(

@@ -75,7 +75,7 @@ class Admission:
         # Batch lines' share of the budget: at most `batch_budget` of `sequences` while no live request runs,
         # `batch_busy_budget` while one does (one line over the cap runs alone).
         self.batch_budget = min(batch_budget or max_inflight_sequences, max_inflight_sequences)
-        self.batch_busy_budget = batch_busy_budget or self.batch_budget
+        self.batch_busy_budget = self.batch_budget if batch_busy_budget is None else batch_busy_budget
         self.batch_sequences = 0
         self.slots: dict[str, Slot] = {}
         self.engine_ids: set[str] = set()  # the engine request ids of every slot in `slots`
@@ -156,7 +156,12 @@ class Admission:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
-        if batch and self.batch_sequences and self.batch_sequences + cost > self.batch_cap:
+        # One line over a cap of 1 or more runs alone; a cap of 0 (live requests in flight) starts none.
+        if (
+            batch
+            and self.batch_sequences + cost > self.batch_cap
+            and (self.batch_sequences or not self.batch_cap)
+        ):
             self.metrics.rejected.labels("batch_cap").inc()
             raise APIError(
                 f"{self.batch_sequences} of the {self.batch_cap} sequences batch lines may use now are in flight",
