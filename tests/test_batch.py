@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sqlite3
 import sys
 import time
@@ -61,8 +60,7 @@ class Running:
         return start_server(self.model_dir, log, *batch_flags(self.batch_dir))
 
     def kill_and_restart(self) -> None:
-        self.server.proc.send_signal(signal.SIGKILL)
-        self.server.proc.wait()
+        self.server.crash()
         self.server = self.start()
 
 

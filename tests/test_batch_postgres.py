@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -155,8 +154,7 @@ def test_two_replicas_share_batches_without_duplicates(
             time.sleep(0.2)
         else:
             raise AssertionError("the two replicas did not both work")
-        a.proc.send_signal(signal.SIGKILL)
-        a.proc.wait()
+        a.crash()
         oai_b = openai.OpenAI(base_url=f"{b.url}/v1", api_key=KEY_A, max_retries=0, timeout=120)
         for j, batch_id in enumerate(ids):
             done = wait_for_batch(oai_b, batch_id, timeout=240)

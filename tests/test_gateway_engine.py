@@ -44,6 +44,20 @@ class Server:
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
 
+    def crash(self) -> None:
+        """SIGKILL the server and the engine processes it started, as a pod's end kills every process in it
+        (vLLM's engine core outlives a parent killed alone, holding its memory)."""
+        import psutil
+
+        engine = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        for child in engine:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
