@@ -54,6 +54,7 @@ test: $(STAMP) ## install and run the whole test suite
 	@bash scripts/install-browser.sh
 	@bash scripts/install-prometheus.sh >/dev/null
 	@bash scripts/install-postgresql.sh >/dev/null
+	@bash scripts/install-redis.sh >/dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests that start no vLLM engine

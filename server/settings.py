@@ -156,6 +156,13 @@ class Settings(ModelSettings):
 
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    api_server_count: int = Field(
+        default=1,
+        ge=1,
+        description="Gateway processes sharing the port in front of one engine core (each streams about "
+        "13,000 tokens/s on one CPU core); above 1 they share the admission budget, /metrics shows every "
+        "process's series, and runtime LoRA loading is refused, as vLLM refuses it.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Accepted API keys (comma-separated in DSV2_API_KEYS); given but empty stops the start.",
@@ -376,6 +383,24 @@ class Settings(ModelSettings):
         description="How often the batch worker looks for work, renews its lease and "
         "checks for cancels and expiry.",
     )
+    rate_limit_store: str | None = Field(
+        default=None,
+        description="Redis holding every key's limits (requests and tokens per minute, max_sequences) for all "
+        "gateway processes and replicas: redis://[:password@]host:port/db, rediss:// (TLS) or "
+        "unix:///path/redis.sock?db=N. Default: each process counts on its own, so a key's limits multiply by "
+        "processes x replicas.",
+    )
+    rate_limit_failure: Literal["open", "closed"] = Field(
+        default="open",
+        description="What a request of a key with limits gets while --rate-limit-store cannot be reached: open "
+        "serves it uncounted, closed refuses it (503, Retry-After). Keys without limits are served either way.",
+    )
+    rate_limit_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="With --rate-limit-store: a request's sequences are a lease of this many seconds, renewed "
+        "while it runs; the sequences of a gateway that died are free again this long after.",
+    )
     playground: bool = Field(
         default=True,
         description="Serve the browser chat playground on / and /playground (off: --no-playground).",
@@ -406,6 +431,15 @@ class Settings(ModelSettings):
     def _key_file_given_not_empty(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("given (flag or DSV2_API_KEY_FILE) but empty; unset it to serve without keys")
+        return v
+
+    @field_validator("rate_limit_store")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and v.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "expected a Redis URL: redis://host:port/db, rediss://host:port/db or unix:///path/redis.sock"
+            )
         return v
 
 
@@ -477,6 +511,7 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--trust-remote-code", {"action": "store_const", "const": True}),
     ("--host", {}),
     ("--port", {"type": int}),
+    ("--api-server-count", {"type": int}),
     ("--api-keys", {}),
     ("--api-key-file", {}),
     ("--allow-unauthenticated", {"action": "store_const", "const": True}),
@@ -518,6 +553,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--batch-max-open-batches", {"type": int}),
     ("--batch-lease-seconds", {"type": float}),
     ("--batch-poll-seconds", {"type": float}),
+    ("--rate-limit-store", {}),
+    ("--rate-limit-failure", {"choices": ["open", "closed"]}),
+    ("--rate-limit-lease-seconds", {"type": float}),
     ("--cors-origins", {}),
     ("--cors-methods", {}),
     ("--cors-headers", {}),

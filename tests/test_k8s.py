@@ -57,12 +57,31 @@ OVERLAYS = {"bf16": 1, "awq": 1, "tp2": 2, "cpu-demo": 0}
 GPU_OVERLAYS = [name for name, gpus in OVERLAYS.items() if gpus]
 # Each GPU overlay is also rendered with the other documented component choices: KEDA in place of the HPA
 # with the Ingress on; LLM-aware routing (inference-pool), alone and with its Istio or GKE component; the plain
-# Gateway API route (httproute).
-EXTRAS = ["keda+ingress", "inference", "inference+istio", "inference+gke", "httproute"]
+# Gateway API route (httproute); named keys with their limits in the shared store (rate-limit-redis).
+EXTRAS = [
+    "keda+ingress",
+    "inference",
+    "inference+istio",
+    "inference+gke",
+    "httproute",
+    "named-keys+rate-limit-redis",
+]
 VARIANTS = [*OVERLAYS, *(f"{name}+{extra}" for extra in EXTRAS for name in GPU_OVERLAYS)]
 
 # The endpoint picker release the inference-pool component pins (its InferencePool v1 API is the CRD's).
 EPP_IMAGE = "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"
+
+# The rate-limit-redis component: its pods' name label, the official images it may run (Valkey's, or Redis'),
+# the Secret the server's store URL and the store's password come from, and the store's port.
+STORE_NAME = "dsv2-serve-redis"
+STORE_IMAGES = {"docker.io/valkey/valkey", "docker.io/library/redis"}
+STORE_SECRET = "dsv2-serve-rate-limit-store"
+STORE_PORT = 6379
+# Eviction policies under which a full store drops counters instead of failing the server's writes.
+STORE_EVICTION = {"allkeys-lru", "allkeys-lfu", "volatile-ttl", "volatile-lru", "volatile-lfu"}
+# What one gateway (front-end) process costs beside the engine (docs/kubernetes.md, "Scale-out"): about a core at
+# full streaming rate, and host memory for Python, vLLM's imports and its own tokenizer.
+FRONT_END_MEMORY = 2**30
 
 # The gateway's endpoints as documented (docs/kubernetes.md, server/gateway): checked against the real
 # app in test_gateway_routes_include_probe_paths when server.gateway.app.create_app exists.
@@ -114,6 +133,8 @@ def _edit_components(tree: Path, overlay: str, extra: str) -> Path:
         components.append("../../components/ingress")
     elif extra == "httproute":
         components.append("../../components/httproute")
+    elif extra == "named-keys+rate-limit-redis":
+        components += ["../../components/named-keys", "../../components/rate-limit-redis"]
     else:  # inference, inference+istio, inference+gke: the provider's component after the pool's
         components.append("../../components/inference-pool")
         components += [f"../../components/{provider}" for provider in extra.split("+")[1:]]
@@ -193,6 +214,19 @@ def _server_policy(docs: list[dict]) -> dict:
     name = _mine(docs, "Deployment")["metadata"]["name"]
     (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == name]
     return policy
+
+
+def _store(docs: list[dict], kind: str = "Deployment") -> dict | None:
+    """The rate-limit store's resource of `kind` (rate-limit-redis component), None without the component."""
+    return _maybe(
+        [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == STORE_NAME], kind
+    )
+
+
+def _env_item(container: dict, name: str) -> dict | None:
+    found = [e for e in container.get("env", []) if e["name"] == name]
+    assert len(found) <= 1, f"{container['name']}: {name} given twice"
+    return found[0] if found else None
 
 
 @pytest.fixture(params=VARIANTS)
@@ -733,6 +767,8 @@ def _resolve_settings(docs: list[dict], monkeypatch: pytest.MonkeyPatch):
         if key.startswith("DSV2_") and key != "DSV2_API_KEY_FILE":
             monkeypatch.setenv(key, value)
     monkeypatch.setenv("DSV2_API_KEYS", "sk-test")  # from a Secret in the pod
+    if _env_item(_server(docs), "DSV2_RATE_LIMIT_STORE"):  # from a Secret too (rate-limit-redis component)
+        monkeypatch.setenv("DSV2_RATE_LIMIT_STORE", "redis://:secret@dsv2-serve-redis:6379/0")
     ns, extra = parser.parse_known_args(["serve", *_server(docs).get("args", [])])
     return settings_from_args(ns, extra), extra
 
@@ -902,16 +938,17 @@ def test_termination_outlasts_drain(variant: tuple[str, list[dict]], monkeypatch
     assert spec["terminationGracePeriodSeconds"] > pre_stop + settings.drain_timeout
 
 
-def test_security_context(variant: tuple[str, list[dict]]) -> None:
-    _, docs = variant
-    spec = _pod(docs)["spec"]
+def _assert_hardened(spec: dict, writable: str) -> None:
+    """A pod as the server's is run: non-root, RuntimeDefault seccomp, no service-account token, nothing of the
+    host's; each container without capabilities or privilege escalation on a read-only root filesystem, with a
+    writable volume at `writable` (where the process writes) and no hostPath."""
     pod = spec["securityContext"]
     assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
     assert pod["seccompProfile"]["type"] == "RuntimeDefault"
     assert spec["automountServiceAccountToken"] is False
     assert not spec.get("hostNetwork") and not spec.get("hostIPC") and not spec.get("hostPID")
     volumes = {v["name"]: v for v in spec["volumes"]}
-    for container in _all_containers(docs):
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
         sc = container["securityContext"]
         assert sc["runAsNonRoot"] is True, container["name"]
         assert sc["allowPrivilegeEscalation"] is False, container["name"]
@@ -919,10 +956,19 @@ def test_security_context(variant: tuple[str, list[dict]]) -> None:
         assert sc["readOnlyRootFilesystem"] is True, container["name"]
         assert not sc.get("privileged"), container["name"]
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
-        assert "/tmp" in mounts, f"{container['name']}: a read-only root needs a writable /tmp"
+        assert writable in mounts and not mounts[writable].get("readOnly"), (
+            f"{container['name']}: a read-only root needs a writable {writable}"
+        )
         for mount in mounts.values():
             volume = volumes[mount["name"]]
             assert "hostPath" not in volume
+
+
+def test_security_context(variant: tuple[str, list[dict]]) -> None:
+    _, docs = variant
+    spec = _pod(docs)["spec"]
+    _assert_hardened(spec, writable="/tmp")
+    volumes = {v["name"]: v for v in spec["volumes"]}
     server_mounts = {m["mountPath"]: m for m in _server(docs)["volumeMounts"]}
     assert volumes[server_mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
     env = {e["name"]: e.get("value") for e in _server(docs)["env"]}
@@ -934,11 +980,8 @@ def test_security_context(variant: tuple[str, list[dict]]) -> None:
         )
 
 
-def test_resources_sized(variant: tuple[str, list[dict]]) -> None:
-    _, docs = variant
-    spec = _pod(docs)["spec"]
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    for container in _all_containers(docs):
+def _assert_resources(spec: dict) -> None:
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
         resources = container["resources"]
         assert {"cpu", "memory"} <= set(resources["requests"]), container["name"]
         assert "memory" in resources["limits"], container["name"]
@@ -947,6 +990,13 @@ def test_resources_sized(variant: tuple[str, list[dict]]) -> None:
         assert _bytes(resources["requests"]["ephemeral-storage"]) <= _bytes(
             resources["limits"]["ephemeral-storage"]
         )
+
+
+def test_resources_sized(variant: tuple[str, list[dict]]) -> None:
+    _, docs = variant
+    spec = _pod(docs)["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    _assert_resources(spec)
     # /dev/shm (RAM-backed) counts against the memory limit: it must leave room for the process itself.
     shm = _bytes(volumes["dshm"]["emptyDir"]["sizeLimit"])
     assert shm <= _bytes(_server(docs)["resources"]["limits"]["memory"]) // 4
@@ -1010,7 +1060,10 @@ def test_network_policy_egress(variant: tuple[str, list[dict]]) -> None:
         and "169.254.0.0/16" in block["except"]
         and "10.0.0.0/8" in block["except"]
     )
-    assert len(egress) == 2, "nothing else leaves the pods"
+    # The rate-limit store, with its component: this variant's store pods on its port (test_rate_limit_store).
+    store = [r for r in egress if {p["port"] for p in r["ports"]} == {STORE_PORT}]
+    assert len(store) == (_store(docs) is not None)
+    assert len(egress) == 2 + len(store), "nothing else leaves the pods"
 
 
 def _bytes(quantity: str) -> int:
@@ -1288,7 +1341,7 @@ def test_routing_model_is_gateway_api_precedence() -> None:
 
 def _picker_config(docs: list[dict]) -> dict:
     """The EndpointPickerConfig the picker reads: the file --config-file names in the mounted ConfigMap."""
-    (picker,) = [d for d in docs if d["kind"] == "Deployment" and d is not _mine(docs, "Deployment")]
+    (picker,) = _pickers(docs)
     pod = picker["spec"]["template"]
     (epp,) = pod["spec"]["containers"]
     path = _flags(epp["args"])["--config-file"]
@@ -1298,6 +1351,15 @@ def _picker_config(docs: list[dict]) -> dict:
         d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]
     ]
     return yaml.safe_load(configmap["data"][path.rsplit("/", 1)[1]])
+
+
+def _pickers(docs: list[dict]) -> list[dict]:
+    return [
+        d
+        for d in docs
+        if d["kind"] == "Deployment"
+        and d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "endpoint-picker"
+    ]
 
 
 def _flags(args: list[str]) -> dict[str, str]:
@@ -1330,7 +1392,7 @@ def test_endpoint_picker_serves_this_variants_pool(variant: tuple[str, list[dict
     assert pool["spec"]["endpointPickerRef"]["failureMode"] == "FailOpen"
     assert "appProtocol" not in pool["spec"], "spec.appProtocol exists only from the v1.4.0 CRD"
 
-    (picker,) = [d for d in docs if d["kind"] == "Deployment" and d is not server]
+    (picker,) = _pickers(docs)
     pod = picker["spec"]["template"]
     picker_labels = pod["metadata"]["labels"]
     assert not _selects(pool["spec"]["selector"]["matchLabels"], picker_labels), (
@@ -1645,6 +1707,214 @@ def test_multinode_example_is_valid(tmp_path: Path, vllm_parser, monkeypatch: py
     )
     assert w.max_model_len == settings.max_model_len
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == gpus
+
+
+# ---- scale-out: gateway processes and the shared rate-limit store ------------------------------------------
+
+
+def _docs_section(title: str) -> str:
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, f"docs/kubernetes.md has no section ## {title}"
+    return m[1]
+
+
+def test_cpu_requests_fit_the_processes(
+    variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each overlay states its gateway (front-end) process count (DSV2_API_SERVER_COUNT) beside its CPU request,
+    and the request covers a core per front-end process and one for the engine core; on GPUs also one per worker
+    process (tensor parallelism over several GPUs) and a core of headroom. Memory grows with the process count,
+    and docs/kubernetes.md's table says what the overlays do."""
+    name, docs = variant
+    server = _server(docs)
+    item = _env_item(server, "DSV2_API_SERVER_COUNT")
+    assert item is not None and "value" in item, f"{name}: state DSV2_API_SERVER_COUNT beside the CPU request"
+    count = int(item["value"])
+    assert count >= 1
+    settings, _ = _resolve_settings(docs, monkeypatch)
+    if "api_server_count" in type(settings).model_fields:
+        assert settings.api_server_count == count
+    requests = server["resources"]["requests"]
+    cpu = _quantity(requests["cpu"])
+    assert cpu >= count + 1, f"{name}: {cpu} CPUs for {count} front-end processes and the engine core"
+    gpus = settings.tensor_parallel_size * settings.pipeline_parallel_size
+    if OVERLAYS[_overlay(name)]:
+        # The engine core, and a worker process per GPU once there are two.
+        engine = 1 + (gpus if gpus > 1 else 0)
+        assert cpu >= count + engine + 1, (
+            f"{name}: {cpu} CPUs for {count} front-ends, {engine} engine processes"
+        )
+    else:
+        assert count == 1, "the CPU demo runs one gateway process"
+    assert _bytes(requests["memory"]) >= count * FRONT_END_MEMORY
+    # The sizing table: | `overlay` | ... | processes | CPU request | memory request |
+    rows = [
+        line for line in _docs_section("Scale-out").splitlines() if line.startswith(f"| `{_overlay(name)}` |")
+    ]
+    assert len(rows) == 1, f"docs/kubernetes.md, Scale-out: one table row for {_overlay(name)}"
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[-3:] == [str(count), requests["cpu"], requests["memory"]], rows[0]
+
+
+def _redis_bytes(value: str) -> int:
+    """A Redis/Valkey memory setting: k/m/g are powers of 1000, kb/mb/gb of 1024."""
+    m = re.fullmatch(r"(\d+)(k|kb|m|mb|g|gb)?", value.lower())
+    assert m, value
+    units = {None: 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+    return int(m[1]) * units[m[2]]
+
+
+def test_rate_limit_store(variant: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rate-limit-redis component: the server's store URL from the Secret (it holds the password), the failure
+    mode stated; the store takes its password from the same Secret through stdin, never its command line, keeps
+    nothing on disk, caps its memory under its limit with an eviction policy, proves itself with an authenticated
+    PING, runs one replica from a pinned official image, hardened like the server, and only this variant's
+    Service selects it."""
+    name, docs = variant
+    store = _store(docs)
+    assert (store is not None) == ("rate-limit-redis" in name)
+    server = _server(docs)
+    url = _env_item(server, "DSV2_RATE_LIMIT_STORE")
+    failure = _env_item(server, "DSV2_RATE_LIMIT_FAILURE")
+    if store is None:
+        assert url is None and failure is None, "the store's settings come with the component"
+        assert not [
+            d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == STORE_NAME
+        ]
+        return
+
+    # The server: the URL from the Secret, required (no silent fallback to per-process limits); open on failure.
+    assert url["valueFrom"] == {"secretKeyRef": {"name": STORE_SECRET, "key": "url"}}
+    assert failure["value"] == "open", "a store restart must not refuse every request (docs/kubernetes.md)"
+    settings, _ = _resolve_settings(docs, monkeypatch)
+    if "rate_limit_failure" in type(settings).model_fields:
+        assert getattr(settings.rate_limit_failure, "value", settings.rate_limit_failure) == "open"
+
+    spec = store["spec"]
+    pod = spec["template"]
+    assert spec["replicas"] == 1, "one store: the counts of every process and replica in one place"
+    assert (
+        spec["strategy"]["type"] == "RollingUpdate"
+        and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    )
+    (valkey,) = pod["spec"]["containers"]
+    image, _, digest = valkey["image"].partition("@")
+    repo, _, tag = image.rpartition(":")
+    assert repo in STORE_IMAGES, valkey["image"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+(-[a-z0-9.]+)?", tag), f"a release tag, not {tag!r}"
+    assert not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
+    assert valkey["imagePullPolicy"] == "IfNotPresent"
+
+    # The password: from the same Secret, into the config on stdin (`-`, the last argument); the probes' valkey-cli
+    # reads the same variable. Nothing on a command line.
+    auth = _env_item(valkey, "REDISCLI_AUTH")
+    assert auth["valueFrom"] == {"secretKeyRef": {"name": STORE_SECRET, "key": "password"}}
+    shell, flag, script, argv0 = valkey["command"]
+    assert (shell, flag, argv0) == ("/bin/sh", "-c", "valkey-server")
+    assert script.startswith('exec valkey-server "$@" - <<EOF\n') and script.endswith("\nEOF\n")
+    assert script.splitlines()[1:-1] == ['requirepass "$REDISCLI_AUTH"']
+    assert not any("pass" in a or "auth" in a.lower() for a in valkey["args"]), valkey["args"]
+    options = _flags(valkey["args"])
+    assert options["--save"] == "" and options["--appendonly"] == "no", (
+        "limits are ephemeral: nothing on disk"
+    )
+    assert options["--maxmemory-policy"] in STORE_EVICTION
+    limit = _bytes(valkey["resources"]["limits"]["memory"])
+    assert 0 < _redis_bytes(options["--maxmemory"]) <= limit // 2, "room for fragmentation and client buffers"
+    ports = {p["name"]: p["containerPort"] for p in valkey["ports"]}
+    assert ports == {"redis": STORE_PORT} and int(options["--port"]) == STORE_PORT
+    assert options["--dir"] == "/data"
+    for kind in ("readinessProbe", "livenessProbe"):
+        command = valkey[kind]["exec"]["command"]
+        assert command[:2] == ["/bin/sh", "-c"] and re.search(
+            r"valkey-cli .*ping \| grep -q PONG", command[2]
+        )
+        assert " -a " not in command[2] and "--pass" not in command[2], (
+            "the password stays off the command line"
+        )
+        assert valkey[kind]["timeoutSeconds"] >= 2
+
+    # Hardened like the server, its own token-less account, sized, and off the GPU nodes.
+    _assert_hardened(pod["spec"], writable="/data")
+    _assert_resources(pod["spec"])
+    assert "limits" not in valkey["resources"] or "cpu" not in valkey["resources"]["limits"], (
+        "no CPU throttling"
+    )
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    (data,) = [volumes[m["name"]] for m in valkey["volumeMounts"] if m["mountPath"] == "/data"]
+    assert _bytes(data["emptyDir"]["sizeLimit"]) <= _bytes(valkey["resources"]["limits"]["ephemeral-storage"])
+    account = _store(docs, "ServiceAccount")
+    assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert account["automountServiceAccountToken"] is False
+    assert not pod["spec"].get("tolerations") and not pod["spec"].get("nodeSelector")
+    assert pod["spec"]["terminationGracePeriodSeconds"] > float(
+        valkey["lifecycle"]["preStop"]["exec"]["command"][1]
+    )
+
+    # Its Service: the host of the URL, this variant's store pods only; nothing of the server's selects it.
+    labels = pod["metadata"]["labels"]
+    service = _store(docs, "Service")
+    assert service["metadata"]["name"] == f"{STORE_NAME}-{_overlay(name)}", "the host the docs' URL names"
+    assert spec["selector"]["matchLabels"]["app.kubernetes.io/instance"] == f"dsv2-serve-{_overlay(name)}"
+    assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
+    assert not _selects(service["spec"]["selector"], _pod(docs)["metadata"]["labels"])
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == STORE_PORT and ports[port["targetPort"]] == STORE_PORT
+    assert not _selects(_mine(docs, "Service")["spec"]["selector"], labels)
+    # No PodDisruptionBudget selects it (one replica: it would block drains or allow everything; see the docs).
+    for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        assert not _selects(pdb["spec"]["selector"]["matchLabels"], labels)
+
+    # The Secret as docs/kubernetes.md creates it: both keys, the URL's host this variant's store.
+    section = _docs_section("Scale-out")
+    assert f"create secret generic {STORE_SECRET}" in section
+    assert '--from-literal=password="$P"' in section
+    assert f'--from-literal=url="redis://:$P@{STORE_NAME}-bf16:{STORE_PORT}/0"' in section
+
+
+def test_rate_limit_store_network_policies(variant: tuple[str, list[dict]]) -> None:
+    """Only this variant's server pods reach the store, on its port; the store sends nothing out; the server's
+    policy lets it out to exactly that store, and no other policy opens the port."""
+    name, docs = variant
+    store = _store(docs)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    to_port = [
+        (d, r)
+        for d in policies
+        for r in d["spec"].get("egress", [])
+        if STORE_PORT in {p["port"] for p in r.get("ports", [])}
+    ]
+    if store is None:
+        assert not to_port
+        return
+    store_labels = store["spec"]["template"]["metadata"]["labels"]
+    server_labels = _pod(docs)["metadata"]["labels"]
+    (valkey,) = store["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in valkey["ports"]}
+
+    # The policies selecting the store's pods: its own only (policies add up: another would widen it).
+    (policy,) = [d for d in policies if _selects(d["spec"]["podSelector"]["matchLabels"], store_labels)]
+    assert policy["spec"]["podSelector"]["matchLabels"] == store["spec"]["selector"]["matchLabels"]
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert not policy["spec"].get("egress"), "the store connects nowhere"
+    (rule,) = policy["spec"]["ingress"]
+    assert {ports.get(p["port"], p["port"]) for p in rule["ports"]} == {STORE_PORT}
+    assert {p.get("protocol", "TCP") for p in rule["ports"]} == {"TCP"}
+    server_selector = _mine(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": server_selector}}], (
+        "no namespace, no address range"
+    )
+    assert _selects(server_selector, server_labels) and not _selects(server_selector, store_labels)
+    for picker in _pickers(docs):
+        assert not _selects(server_selector, picker["spec"]["template"]["metadata"]["labels"])
+
+    # The server's side: out to this store's pods, on its port, from the server's own policy only.
+    assert [d for d, _ in to_port] == [_server_policy(docs)]
+    ((_, out),) = to_port
+    assert out["ports"] == [{"port": STORE_PORT, "protocol": "TCP"}]
+    assert out["to"] == [{"podSelector": {"matchLabels": store["spec"]["selector"]["matchLabels"]}}]
+    assert not _selects(out["to"][0]["podSelector"]["matchLabels"], server_labels)
 
 
 # ---- house style ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Admission: one `async with` slot per generation request. The only owner of the in-flight budget (counted in
 sequences, the engine's real unit of work), of the drain state, and of aborting engine requests left behind.
+A slot also holds the request's sequences among its key's max_sequences (ratelimits.py), given back at exit.
 
     async with admission.slot(cost=prompts * n, request_id=...) as slot:   # 503 draining, 429 over budget
         stream = Stream(generate_many(engine, ..., slot.engine_ids), ..., slot)  # tells the slot what finished
@@ -14,7 +15,10 @@ for a client (render.SSEResponse).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
+import multiprocessing
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +27,7 @@ from contextlib import asynccontextmanager
 from server.gateway.engine import Engine
 from server.gateway.errors import APIError, ClientGone, DeadlineExceeded, engine_unavailable, shutting_down
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.ratelimits import Lease, LocalCounters, RateLimits
 from server.gateway.tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger("dsv2.admission")
@@ -36,7 +41,7 @@ class SlowClient(Exception):
 class Slot:
     """One admitted request: its id, its cost, and its engine requests still running."""
 
-    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant", "batch")
+    __slots__ = ("request_id", "cost", "engine_ids", "pending", "failed", "tenant", "batch", "lease")
 
     def __init__(
         self, request_id: str, cost: int, engine_ids: list[str], tenant: Tenant, batch: bool = False
@@ -47,6 +52,7 @@ class Slot:
         self.engine_ids = engine_ids
         self.pending = set(engine_ids)
         self.tenant = tenant
+        self.lease: Lease | None = None  # its sequences among its key's max_sequences
         # Why the engine side failed (the stream reports it); what is left is aborted with this reason.
         self.failed: str | None = None
 
@@ -59,6 +65,33 @@ class Slot:
         self.failed = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
 
 
+class Counts:
+    """The sequences in flight, live and batch, that the budget is spent on. With one gateway process, its own;
+    with several in front of one engine (--api-server-count), one row per process in shared memory under one
+    lock, so that the budget is the engine's and not each process's. Made before the processes start; each one
+    sets `index` to its row."""
+
+    def __init__(self, processes: int = 1) -> None:
+        self.rows: list[int] | ctypes.Array
+        if processes == 1:
+            self.rows, self.lock = [0, 0], contextlib.nullcontext()
+        else:
+            context = multiprocessing.get_context("spawn")
+            self.rows, self.lock = context.RawArray("q", 2 * processes), context.Lock()
+        self.index = 0
+
+    def totals(self) -> tuple[int, int]:
+        """Every process's sequences in flight, and of them those of batch lines."""
+        return sum(self.rows[0::2]), sum(self.rows[1::2])
+
+    def own(self) -> int:
+        return self.rows[2 * self.index]
+
+    def add(self, cost: int, batch: bool) -> None:
+        self.rows[2 * self.index] += cost
+        self.rows[2 * self.index + 1] += cost if batch else 0
+
+
 class Admission:
     def __init__(
         self,
@@ -67,16 +100,18 @@ class Admission:
         max_inflight_sequences: int,
         batch_budget: int | None = None,
         batch_busy_budget: int | None = None,
+        counts: Counts | None = None,
+        ratelimits: RateLimits | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.ratelimits = ratelimits or RateLimits(LocalCounters(), metrics)  # the keys' max_sequences
         self.budget = max_inflight_sequences
-        self.sequences = 0
+        self.counts = counts or Counts()
         # Batch lines' share of the budget: at most `batch_budget` of `sequences` while no live request runs,
         # `batch_busy_budget` while one does (one line over the cap runs alone).
         self.batch_budget = min(batch_budget or max_inflight_sequences, max_inflight_sequences)
         self.batch_busy_budget = self.batch_budget if batch_busy_budget is None else batch_busy_budget
-        self.batch_sequences = 0
         self.slots: dict[str, Slot] = {}
         self.engine_ids: set[str] = set()  # the engine request ids of every slot in `slots`
         self.draining = False
@@ -85,6 +120,15 @@ class Admission:
     @property
     def idle(self) -> bool:
         return not self.slots
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in flight in front of the engine (every gateway process's)."""
+        return self.counts.totals()[0]
+
+    @property
+    def batch_sequences(self) -> int:
+        return self.counts.totals()[1]
 
     @property
     def batch_cap(self) -> int:
@@ -102,7 +146,7 @@ class Admission:
         tenant: Tenant = ANONYMOUS,
         batch: bool = False,
     ) -> AsyncIterator[Slot]:
-        slot = self._admit(cost, request_id, engine_requests, tenant, batch)
+        slot = await self._admit(cost, request_id, engine_requests, tenant, batch)
         # A normal exit with engine requests pending: the stream was not read out.
         reason = "client_disconnected"
         try:
@@ -140,45 +184,26 @@ class Admission:
 
     # --- internals -------------------------------------------------------------------------------------------
 
-    def _admit(self, cost: int, request_id: str, engine_requests: int, tenant: Tenant, batch: bool) -> Slot:
+    async def _admit(
+        self, cost: int, request_id: str, engine_requests: int, tenant: Tenant, batch: bool
+    ) -> Slot:
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise shutting_down()
         if self.engine.is_dead:
             self.metrics.rejected.labels("engine_unavailable").inc()
             raise engine_unavailable()
-        if self.sequences + cost > self.budget:
-            self.metrics.rejected.labels("overloaded").inc()
-            raise APIError(
-                f"the server is at capacity ({self.sequences} of {self.budget} sequences in flight; this request "
-                f"needs {cost}); retry shortly",
-                429,
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
-        # One line over a cap of 1 or more runs alone; a cap of 0 (live requests in flight) starts none.
-        if (
-            batch
-            and self.batch_sequences + cost > self.batch_cap
-            and (self.batch_sequences or not self.batch_cap)
-        ):
-            self.metrics.rejected.labels("batch_cap").inc()
-            raise APIError(
-                f"{self.batch_sequences} of the {self.batch_cap} sequences batch lines may use now are in flight",
-                429,
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
-        if tenant.max_sequences is not None and tenant.sequences + cost > tenant.max_sequences:
-            self.metrics.rejected.labels("key_limit").inc()
-            self.metrics.key_rate_limited.labels(tenant.name).inc()
-            raise APIError(
-                f"key {tenant.name!r} has {tenant.sequences} of its {tenant.max_sequences} sequences in flight; this "
-                f"request needs {cost}; retry when one ends",
-                429,
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
+        with self.counts.lock:  # the check and the count as one step, across processes
+            self._check_budget(cost, batch)
+            self.counts.add(cost, batch)
+        # The budget is held while the key's limit is asked (with --rate-limit-store, a round trip to Redis), so
+        # that nothing admitted meanwhile can overfill it; refused (or cancelled), it is given back.
+        try:
+            lease = await self.ratelimits.acquire_sequences(tenant, cost)
+        except BaseException:
+            with self.counts.lock:
+                self.counts.add(-cost, batch)
+            raise
         engine_ids = _engine_ids(request_id, engine_requests)
         # vLLM aborts every request that shares an external id: no two in flight may share one, whatever the
         # client sends (an X-Request-Id reused, or one that equals another request's "<id>-<i>").
@@ -186,20 +211,40 @@ class Admission:
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
             engine_ids = _engine_ids(request_id, engine_requests)
         slot = Slot(request_id, cost, engine_ids, tenant, batch)
+        slot.lease = lease
         self.engine_ids.update(engine_ids)
-        tenant.sequences += cost
-        self.batch_sequences += cost if batch else 0
         self.slots[request_id] = slot
-        self.sequences += cost
         self._publish()
         return slot
+
+    def _check_budget(self, cost: int, batch: bool) -> None:
+        sequences, batch_sequences = self.counts.totals()
+        if sequences + cost > self.budget:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise APIError(
+                f"the server is at capacity ({sequences} of {self.budget} sequences in flight; this request "
+                f"needs {cost}); retry shortly",
+                429,
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        # One line over a cap of 1 or more runs alone; a cap of 0 (live requests in flight) starts none.
+        cap = self.batch_cap
+        if batch and batch_sequences + cost > cap and (batch_sequences or not cap):
+            self.metrics.rejected.labels("batch_cap").inc()
+            raise APIError(
+                f"{batch_sequences} of the {cap} sequences batch lines may use now are in flight",
+                429,
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
 
     def _release(self, slot: Slot, reason: str) -> None:
         if self.slots.pop(slot.request_id, None) is None:
             return
-        self.sequences -= slot.cost
-        self.batch_sequences -= slot.cost if slot.batch else 0
-        slot.tenant.sequences -= slot.cost
+        with self.counts.lock:
+            self.counts.add(-slot.cost, slot.batch)
+        self.ratelimits.release_sequences(slot.lease)
         self._publish()
         if not slot.pending:
             self.engine_ids.difference_update(slot.engine_ids)
@@ -225,7 +270,7 @@ class Admission:
 
     def _publish(self) -> None:
         self.metrics.in_flight.set(len(self.slots))
-        self.metrics.sequences_in_flight.set(self.sequences)
+        self.metrics.sequences_in_flight.set(self.counts.own())  # summed over processes on /metrics
 
 
 def _engine_ids(request_id: str, engine_requests: int) -> list[str]:

@@ -21,17 +21,19 @@ from server import __version__
 from server.batch.routes import router as batch_router
 from server.batch.worker import Batches
 from server.gateway import connections, paths, playground
-from server.gateway.admission import Admission
+from server.gateway.admission import Admission, Counts
 from server.gateway.engine import Engine, VLLMEngine
 from server.gateway.errors import install_handlers
 from server.gateway.health import Health
 from server.gateway.logs import configure_logging
 from server.gateway.metrics import GatewayMetrics, sample_loop_lag
 from server.gateway.middleware import GatewayMiddleware
+from server.gateway.ratelimits import rate_limits
 from server.gateway.routes import lora_router, router
 from server.gateway.serving import Services
 from server.gateway.startup import Startup, download, is_local
 from server.gateway.template import ChatTemplate
+from server.gateway.tenants import Tenants
 from server.gateway.tenants import load as load_tenants
 from server.gateway.tracing import tracer_from_settings
 from server.settings import Settings
@@ -45,29 +47,48 @@ log = logging.getLogger("dsv2.app")
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def create_app(
-    settings: Settings,
-    engine: Engine | None = None,
-    tracer: Tracer | None = None,
-    wait_for_model: bool = True,
-) -> FastAPI:
-    """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine), `tracer`
-    to the OTLP exporter of --otlp-traces-endpoint (none: tracing off). With `wait_for_model` the lifespan's
-    start-up returns once the model serves (and raises if it cannot); without it, at once, the model coming up
-    behind 503s (server.gateway.startup) and `app.state.stop_server()` called if it fails. ValueError for a bad
-    key file, or for no keys on a non-loopback --host without --allow-unauthenticated, before anything starts."""
-    metrics = GatewayMetrics()
-    metrics.inflight_limit.set(settings.max_inflight_sequences)
+def check_settings(settings: Settings) -> Tenants:
+    """The tenants, or ValueError for what stops the start before anything starts: a bad key file, no keys on a
+    non-loopback --host without --allow-unauthenticated, runtime LoRA loading with several gateway processes."""
     tenants = load_tenants(settings.api_keys, settings.api_key_file)
     if not tenants.enabled and settings.host not in LOOPBACK and not settings.allow_unauthenticated:
         raise ValueError(
             f"no API keys, and --host {settings.host} is not loopback: give keys (--api-keys, "
             "--api-key-file) or serve without them on purpose with --allow-unauthenticated"
         )
+    if settings.allow_runtime_lora_updating and settings.api_server_count > 1:
+        raise ValueError(
+            f"--allow-runtime-lora-updating cannot be used with --api-server-count {settings.api_server_count}: "
+            "an adapter loaded through one gateway process would be unknown to the others (vLLM refuses "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING with api_server_count > 1 likewise); serve adapters from the start "
+            "with --lora-modules, or use one process"
+        )
+    return tenants
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    tracer: Tracer | None = None,
+    wait_for_model: bool = True,
+    counts: Counts | None = None,
+    model_path: str | None = None,
+) -> FastAPI:
+    """The app; `engine` defaults to a vLLM AsyncLLM built in the lifespan (tests may pass a FakeEngine), `tracer`
+    to the OTLP exporter of --otlp-traces-endpoint (none: tracing off). With `wait_for_model` the lifespan's
+    start-up returns once the model serves (and raises if it cannot); without it, at once, the model coming up
+    behind 503s (server.gateway.startup) and `app.state.stop_server()` called if it fails. `counts`: the
+    admission budget's counts shared with the other gateway processes of the engine (server.gateway.processes),
+    `model_path`: where a repo id --model was already downloaded. ValueError as check_settings says, before
+    anything starts."""
+    metrics = GatewayMetrics()
+    metrics.inflight_limit.set(settings.max_inflight_sequences)
+    tenants = check_settings(settings)
     tracer = tracer if tracer is not None else tracer_from_settings(settings.otlp_traces_endpoint)
     # The batch worker's calls into this app carry this secret (the middleware checks it); it never leaves.
     batch_secret = secrets.token_hex(32)
     batches = Batches(settings, metrics.registry, batch_secret)
+    ratelimits = rate_limits(settings, metrics)  # the keys' counts: this process's, or --rate-limit-store's
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,8 +109,11 @@ def create_app(
             settings.max_inflight_sequences,
             settings.batch_max_sequences,
             settings.batch_busy_max_sequences,
+            counts,
+            ratelimits=ratelimits,
         )
         await batches.open()  # the batch store's migrations: a database that cannot open stops the start
+        await ratelimits.open()  # renews leases; a store that does not answer yet does not stop the start
         health = Health(
             eng,
             admission,
@@ -113,17 +137,19 @@ def create_app(
             if startup.serving and not admission.idle:
                 await admission.drain(0)
             await eng.shutdown()
+            await ratelimits.close()
             log.info("engine stopped")
 
     async def _bring_up(
         app: FastAPI, eng: Engine, startup: Startup, health: Health, admission: Admission
     ) -> None:
         """Download a repo id, load the tokenizer, start the engine and its adapters; then serve."""
-        model = settings.model
+        model = model_path or settings.model
         if not is_local(model):
             model = await asyncio.to_thread(
                 download, settings.model, settings.revision, settings.download_dir, startup
             )
+        if model != settings.model:
             eng.use_download(model)
         startup.enter("loading_weights")
         template = await asyncio.to_thread(
@@ -147,6 +173,7 @@ def create_app(
             int(time.time()),
             tenants,
             tracer,
+            ratelimits,
         )
         if not eng.priority_scheduling and any(t.priority for t in tenants.tenants):
             log.warning("API keys have default priorities, but the engine schedules first come, first served: "
@@ -189,6 +216,7 @@ def create_app(
         max_upload_bytes=settings.batch_max_file_bytes,
         batch_secret=batch_secret,
         batch_counts=settings.batch_counts_toward_limits,
+        ratelimits=ratelimits,
     )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -224,8 +252,13 @@ def _start_failed(app: FastAPI, task: asyncio.Task) -> None:
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; 0 on a clean exit, 1 if startup failed."""
+    """Serve until SIGTERM/SIGINT; 0 on a clean exit, 1 if startup failed. With --api-server-count above 1, the
+    engine core and the gateway processes of server.gateway.processes."""
     configure_logging(settings.log_level, settings.log_format)
+    if settings.api_server_count > 1:
+        from server.gateway import processes
+
+        return processes.run(settings)
     try:
         engine = VLLMEngine(settings)
     except SystemExit as exc:  # vLLM's parser rejected a pass-through engine flag (it printed why)

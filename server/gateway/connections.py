@@ -9,7 +9,8 @@ limits uvicorn lacks, so that no client holds a connection, or the server's capa
   and /metrics, which the kubelet and Prometheus must get answers from at any load;
 - **sends**: a connection whose client has taken no data for --stream-send-timeout seconds after its response
   was written is dropped. A stream times its own sends (render.SSEResponse: it must abort the engine and free
-  its slot too) and drops its connection through the DROP_CONNECTION extension.
+  its slot too) and drops its connection through the DROP_CONNECTION extension; the WRITABLE extension tells it
+  when a send would be taken at once.
 
 The body read timeout is the app's (middleware.py): only the app knows when it reads a body.
 """
@@ -36,6 +37,10 @@ log = logging.getLogger("dsv2.connections")
 
 # scope["extensions"][DROP_CONNECTION](): close the request's connection now, dropping what was not sent.
 DROP_CONNECTION = "dsv2.drop_connection"
+# scope["extensions"][WRITABLE](): whether the connection takes data now (its transport is not holding writes back
+# for a client that does not read), so that a send completes without waiting (render.SSEResponse sends from its
+# rendering task then).
+WRITABLE = "dsv2.writable"
 # Answered beyond --max-connections too.
 UNCAPPED = frozenset({paths.HEALTH, paths.READY, paths.METRICS})
 
@@ -95,7 +100,7 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {DROP_CONNECTION: self._drop}
+        self.scope["extensions"] = {DROP_CONNECTION: self._drop, WRITABLE: self._writable}
         _cancel(self._header_timer)
         self._header_timer = self.loop.call_later(self.header_timeout, self._headers_timed_out)
         self._header_bytes = 0
@@ -192,6 +197,9 @@ class GatewayProtocol(HttpToolsProtocol):
             self.send_timeout,
         )
         self._drop()
+
+    def _writable(self) -> bool:
+        return not self.flow.write_paused  # uvicorn's send waits only while writing is paused (flow control)
 
     def _drop(self) -> None:
         """Close the connection now, with whatever it could not send (close() would wait for the client)."""

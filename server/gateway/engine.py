@@ -275,10 +275,13 @@ def _kv_cache_bytes(settings: Settings, args: Any) -> int | None:
 
 
 class VLLMEngine:
-    """One vLLM AsyncLLM; its engine core runs in its own process (unless VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    """One vLLM AsyncLLM; its engine core runs in its own process (unless VLLM_ENABLE_V1_MULTIPROCESSING=0).
+    With `client` (one of several gateway processes, server.gateway.processes), a client of an engine core that
+    the parent process started: vLLM's client addresses, count and index for this process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: dict[str, Any] | None = None) -> None:
         self.settings = settings
+        self.client = client
         self.max_model_len = 0
         self.progress = EngineProgress()
         self.priority_scheduling = False
@@ -311,9 +314,13 @@ class VLLMEngine:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         built: asyncio.Future = loop.create_future()
-        fd, status = tempfile.mkstemp(prefix="dsv2-startup-")
-        os.close(fd)
-        os.environ[STATUS_ENV] = status  # inherited by the engine-core and worker processes
+        own = self.client is None  # a client's engine core was started by the parent, with the parent's file
+        if own:
+            fd, status = tempfile.mkstemp(prefix="dsv2-startup-")
+            os.close(fd)
+            os.environ[STATUS_ENV] = status  # inherited by the engine-core and worker processes
+        else:
+            status = os.environ.get(STATUS_ENV, os.devnull)
         watch = loop.create_task(watch_engine(startup, Path(status))) if startup is not None else None
         threading.Thread(target=self._build, args=(loop, built), name="engine-start", daemon=True).start()
         try:
@@ -321,8 +328,9 @@ class VLLMEngine:
         finally:
             if watch is not None:
                 watch.cancel()
-            os.environ.pop(STATUS_ENV, None)
-            Path(status).unlink(missing_ok=True)
+            if own:
+                os.environ.pop(STATUS_ENV, None)
+                Path(status).unlink(missing_ok=True)
         self.max_model_len = self._llm.model_config.max_model_len
         self.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
@@ -342,11 +350,25 @@ class VLLMEngine:
 
         llm, error = None, None
         try:
-            llm = AsyncLLM.from_engine_args(
-                self.args,
-                usage_context=UsageContext.OPENAI_API_SERVER,
-                stat_loggers=[_progress_logger_factory(self.progress)],
-            )
+            stat_loggers = [_progress_logger_factory(self.progress)]
+            if self.client is None:
+                llm = AsyncLLM.from_engine_args(
+                    self.args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=stat_loggers
+                )
+            else:  # as vLLM's own API server processes connect (its build_async_engine_client)
+                client = dict(self.client)
+                count, index = client.pop("client_count"), client.pop("client_index")
+                self.args._api_process_count, self.args._api_process_rank = count, index
+                llm = AsyncLLM.from_vllm_config(
+                    self.args.create_engine_config(UsageContext.OPENAI_API_SERVER),
+                    usage_context=UsageContext.OPENAI_API_SERVER,
+                    stat_loggers=stat_loggers,
+                    enable_log_requests=self.args.enable_log_requests,
+                    disable_log_stats=self.args.disable_log_stats,
+                    client_addresses=client,
+                    client_count=count,
+                    client_index=index,
+                )
         except BaseException as exc:
             error = exc
         try:

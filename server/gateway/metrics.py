@@ -3,14 +3,29 @@
 The gateway's metrics live in a registry of their own (so several apps can exist in one test process);
 vLLM registers its gauges and histograms (vllm:num_requests_running, vllm:num_requests_waiting,
 vllm:kv_cache_usage_perc, ...) in prometheus_client's default registry, which is appended as is.
+
+With several gateway processes (--api-server-count), prometheus-client's multiprocess mode is on
+(PROMETHEUS_MULTIPROC_DIR, set by the parent as vLLM's own server sets it): every process writes its values to
+that directory, and /metrics, from whichever process answers, renders every process's series merged: counters
+and histograms summed, gauges as each one's `multiprocess_mode` says (in-flight counts summed over live processes,
+the start-up phase of the furthest-behind process).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -68,18 +83,23 @@ class GatewayMetrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "dsv2_generation_requests_in_flight", "Generation requests being served.", registry=r
+            "dsv2_generation_requests_in_flight",
+            "Generation requests being served.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.sequences_in_flight = Gauge(
             "dsv2_sequences_in_flight",
             "Sequences (prompts x n) of the generation requests being served: the admission budget in use.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.inflight_limit = Gauge(
             "dsv2_inflight_sequences_limit",
             "The admission budget (--max-inflight-sequences): dsv2_sequences_in_flight / this is how full the "
             "pod is, what the autoscaler scales on.",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.startup_phase = Gauge(
             "dsv2_startup_phase",
@@ -87,19 +107,25 @@ class GatewayMetrics:
             "capturing_graphs, serving), 0 for the others.",
             ["phase"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.startup_progress = Gauge(
             "dsv2_startup_progress_ratio",
             "Progress of the current start-up phase where known (0..1).",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.startup_downloaded = Gauge(
-            "dsv2_startup_downloaded_bytes", "Bytes of the model downloaded (or already present).", registry=r
+            "dsv2_startup_downloaded_bytes",
+            "Bytes of the model downloaded (or already present).",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.startup_download_size = Gauge(
             "dsv2_startup_download_size_bytes",
             "Bytes of the model to have locally (0: nothing to download).",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.aborted = Counter(
             "dsv2_aborted_requests",
@@ -170,8 +196,29 @@ class GatewayMetrics:
             ["key"],
             registry=r,
         )
+        # --rate-limit-store only: no sample at all where the limits are counted in process.
+        self.rate_limit_store_errors = Counter(
+            "dsv2_rate_limit_store_errors",
+            "Per-key limit checks the rate-limit store (--rate-limit-store) failed or was skipped for while down, "
+            "by operation (buckets, acquire, release, renew, ping); the request was then admitted uncounted "
+            "(--rate-limit-failure open) or refused with 503 (closed).",
+            ["operation"],
+            registry=r,
+        )
+        self.rate_limit_store_up = Gauge(
+            "dsv2_rate_limit_store_up",
+            "1 while the rate-limit store answers, 0 after a failure until it answers again.",
+            ["store"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
+        if (
+            "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        ):  # several gateway processes: all of theirs, ours and vLLM's
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry) + generate_latest(REGISTRY)
 
     async def exposition(self) -> bytes:

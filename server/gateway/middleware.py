@@ -1,5 +1,6 @@
 """One pure-ASGI middleware for what every request goes through, and only that: its request id, API-key auth
-on /v1/* (the key's tenant, its request rate and x-ratelimit-* headers), the body's size limit and read timeout,
+on /v1/* (the key's tenant, its request rate and x-ratelimit-* headers: ratelimits.py), the body's size limit
+and read timeout,
 the access log, and a 500 (with the request id) for anything unexpected.
 
 Pure ASGI (not BaseHTTPMiddleware) so streams pass through untouched and client disconnects reach the handler.
@@ -21,6 +22,8 @@ from server.gateway import paths
 from server.gateway.errors import APIError, internal_error
 from server.gateway.logs import request_id_var
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.ratelimits import LocalCounters, RateLimits, Windows
+from server.gateway.ratelimits import headers as ratelimit_headers
 from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
 
 log = logging.getLogger("dsv2.errors")
@@ -55,8 +58,10 @@ class GatewayMiddleware:
         max_upload_bytes: int = 0,
         batch_secret: str | None = None,
         batch_counts: bool = False,
+        ratelimits: RateLimits | None = None,
     ) -> None:
         self.app = app
+        self.ratelimits = ratelimits or RateLimits(LocalCounters(), metrics)
         # Uploads (POST /v1/files) have a limit of their own; batch lines come from the batch worker in this
         # process, with its secret and their owner's name (server.batch.worker), and count against the key's
         # request rate only with --batch-counts-toward-limits.
@@ -88,19 +93,24 @@ class GatewayMiddleware:
             tenant = batch_owner
         state["batch"] = batch_owner is not None
         state["tenant"] = tenant or ANONYMOUS
-        limited = tenant is not None and path.startswith("/v1/") and (tenant.requests or tenant.tokens)
+        # The key's buckets as this request's checks leave them (ratelimits.py): its x-ratelimit-* headers.
+        windows: Windows = state.setdefault("ratelimits", {})
+        counted = batch_owner is None or self.batch_counts  # batch lines read no headers
+        limited = tenant is not None and path.startswith("/v1/") and tenant.rate_limited and counted
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
                 extra = [rid_header]
-                if limited and status_box[0] != 429:  # a 429 carries its own, from the refusal
-                    extra += [(k.encode(), v.encode()) for k, v in tenant.headers().items()]
+                # A 429 carries its own, from the refusal; a 503 (a store that failed, a drain) none.
+                if limited and status_box[0] not in (429, 503):
+                    await self.ratelimits.peek(tenant, windows)  # what no check of this request saw
+                    extra += [(k.encode(), v.encode()) for k, v in ratelimit_headers(windows).items()]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
-            error = self._refuse(headers, path, scope["method"], tenant, batch_owner is not None)
+            error = await self._refuse(headers, path, scope["method"], tenant, windows, not counted)
             if error is not None:
                 await error.response(path)(scope, _no_receive, send_with_id)
             else:
@@ -125,8 +135,14 @@ class GatewayMiddleware:
         name = headers.get(b"x-dsv2-batch-owner", b"").decode("latin-1")
         return self.tenants.named(name) or ANONYMOUS
 
-    def _refuse(
-        self, headers: dict[bytes, bytes], path: str, method: str, tenant: Tenant | None, batch: bool = False
+    async def _refuse(
+        self,
+        headers: dict[bytes, bytes],
+        path: str,
+        method: str,
+        tenant: Tenant | None,
+        windows: Windows,
+        uncounted: bool = False,
     ) -> APIError | None:
         if not path.startswith("/v1/") or method == "OPTIONS":  # probes, metrics; CORS preflight has no key
             return None
@@ -136,11 +152,10 @@ class GatewayMiddleware:
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if method == "POST" and path in paths.RATE_LIMITED and (not batch or self.batch_counts):
+        if method == "POST" and path in paths.RATE_LIMITED and not uncounted:
             try:
-                tenant.admit_request()
+                await self.ratelimits.admit_request(tenant, windows)
             except APIError as exc:
-                self.metrics.key_rate_limited.labels(tenant.name).inc()
                 return exc
         length = headers.get(b"content-length")
         limit = self._limit(path)

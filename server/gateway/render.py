@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from json.encoder import encode_basestring  # the C string encoder json.dumps(ensure_ascii=False) uses
@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from server.gateway import tools
 from server.gateway.admission import SlowClient
-from server.gateway.connections import DROP_CONNECTION
+from server.gateway.connections import DROP_CONNECTION, WRITABLE
 from server.gateway.engine import TokenLogprob
 from server.gateway.errors import APIError
 from server.gateway.stream import Answer, Stream, Usage
@@ -256,15 +256,17 @@ def _ending(stream: Stream, base: dict, include_usage: bool) -> bytes:
 
 
 class SSEResponse(StreamingResponse):
-    """text/event-stream whose events are rendered, in a task of their own, into an outbox that the response
-    sends from, each send given `send_timeout` seconds.
+    """text/event-stream whose events are rendered, in a task of their own, and sent, each send given
+    `send_timeout` seconds.
 
     `owner` (the request's admission slot, token account and trace) is closed once the stream is rendered, however
     it ended (finished, failed, past its deadline, aborted by a drain), even while its bytes still wait for the
-    client: the in-flight budget counts engine work, not bytes in a socket. The outbox holds OUTBOX_BYTES at most;
-    past that, rendering waits for the client. A client that leaves, or takes no data for `send_timeout` seconds
-    (its connection is then dropped), stops the rendering, and `owner` aborts what the engine still runs for it
-    (`client_disconnected`, `slow_client`).
+    client: the in-flight budget counts engine work, not bytes in a socket. While the connection takes data
+    (connections.WRITABLE), the rendering task sends each event itself, as soon as it is rendered; otherwise
+    events go to an outbox that a sending task empties, holding OUTBOX_BYTES at most; past that, rendering waits
+    for the client. A client that leaves, or takes no data for `send_timeout` seconds (its connection is then
+    dropped), stops the rendering, and `owner` aborts what the engine still runs for it (`client_disconnected`,
+    `slow_client`).
     """
 
     media_type = "text/event-stream"
@@ -281,26 +283,27 @@ class SSEResponse(StreamingResponse):
         self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        outbox = _Outbox(OUTBOX_BYTES)
         loop = asyncio.get_running_loop()
-        rendering = loop.create_task(self._render(outbox))
+        extensions = scope.get("extensions") or {}
+        outbox = _Outbox(OUTBOX_BYTES, loop)
+        rendering = loop.create_task(self._render(outbox, send, extensions.get(WRITABLE)))
         sending = loop.create_task(self._send(send, outbox))
         leaving = loop.create_task(_client_left(receive))
+        timer = _SendTimer(loop, outbox, sending, self.send_timeout)
         try:
             await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            timer.cancel()
             leaving.cancel()
             if not sending.done():  # the client left (or this response was cancelled)
                 sending.cancel()
-            elif isinstance(sending.exception(), SlowClient):
-                outbox.slow = True
             rendering.cancel()  # nothing once rendered; else `owner` aborts the engine's work
             await asyncio.wait({rendering, sending})
         if outbox.slow:
             log.warning(
                 "the client took no data for %g s (--stream-send-timeout): stream dropped", self.send_timeout
             )
-            drop = (scope.get("extensions") or {}).get(DROP_CONNECTION)
+            drop = extensions.get(DROP_CONNECTION)
             if drop is not None:
                 drop()
                 with contextlib.suppress(TimeoutError):  # the server sees it go: the response ends as dropped
@@ -308,13 +311,23 @@ class SSEResponse(StreamingResponse):
         elif not sending.cancelled():
             sending.result()  # a failure of the rendering, raised once what came before it is sent
 
-    async def _render(self, outbox: _Outbox) -> None:
-        """Every event into the outbox, then `owner` closed."""
+    async def _render(self, outbox: _Outbox, send: Send, writable: Callable[[], bool] | None) -> None:
+        """Every event sent, or into the outbox; then `owner` closed.
+
+        An event goes out from here when nothing waits before it (the sender is idle) and the connection takes data:
+        the send then completes without waiting, and the sending task is not woken for it (a task switch per token
+        saved). Otherwise it waits in the outbox for the sending task, which alone waits for a slow client."""
+        loop = outbox.loop
         try:
             async with self._owner:
                 try:
                     async for chunk in self.body_iterator:
-                        await outbox.put(chunk)
+                        if writable is not None and outbox.idle and writable():
+                            outbox.send_started = loop.time()
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                            outbox.send_started = None
+                        else:
+                            await outbox.put(chunk)
                 except asyncio.CancelledError:
                     if outbox.slow:
                         raise SlowClient() from None  # `owner` aborts with this reason
@@ -327,23 +340,21 @@ class SSEResponse(StreamingResponse):
             outbox.close()
 
     async def _send(self, send: Send, outbox: _Outbox) -> None:
-        """The headers, then what the outbox holds as it comes, then the end; SlowClient if a send is not taken
-        within send_timeout."""
+        """The headers, then what the outbox holds as it comes, then the end; each send timed by _SendTimer."""
         await self._timed(
-            send, {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            send, {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}, outbox
         )
         while (data := await outbox.take()) is not None:
-            await self._timed(send, {"type": "http.response.body", "body": data, "more_body": True})
+            await self._timed(send, {"type": "http.response.body", "body": data, "more_body": True}, outbox)
         if outbox.error is not None:
             raise outbox.error
-        await self._timed(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        await self._timed(send, {"type": "http.response.body", "body": b"", "more_body": False}, outbox)
 
-    async def _timed(self, send: Send, message: Message) -> None:
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await send(message)
-        except TimeoutError:
-            raise SlowClient() from None
+    @staticmethod
+    async def _timed(send: Send, message: Message, outbox: _Outbox) -> None:
+        outbox.send_started = outbox.loop.time()
+        await send(message)
+        outbox.send_started = None
 
 
 # Rendered bytes a stream may hold for a client that is not taking them; past it, rendering waits for the client
@@ -354,41 +365,80 @@ OUTBOX_BYTES = 1 << 20
 class _Outbox:
     """One stream's rendered bytes on their way out: the renderer puts, the sender takes all there is at once."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, loop: asyncio.AbstractEventLoop) -> None:
         self.cap = cap
+        self.loop = loop
         self.chunks: list[bytes] = []
         self.size = 0
         self.closed = False  # rendering is over: nothing more comes
         self.error: Exception | None = None  # why rendering failed, if it did
         self.slow = False  # the client took no data for the send timeout
-        self._filled = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self.send_started: float | None = None  # loop.time() when the send in flight began; None between sends
+        # Plain futures, not asyncio.Events: an Event looks up the running loop at every wait.
+        self._filled: asyncio.Future | None = None  # the sender's wait for chunks
+        self._room: asyncio.Future | None = None  # the renderer's wait for room
+
+    @property
+    def idle(self) -> bool:
+        """The sender waits for chunks (so none are queued): a send made now is in order."""
+        return self._filled is not None
 
     async def put(self, chunk: bytes) -> None:
         while self.size >= self.cap:
-            self._room.clear()
-            await self._room.wait()
+            self._room = self.loop.create_future()
+            await self._room
         self.chunks.append(chunk)
         self.size += len(chunk)
-        self._filled.set()
+        self._wake_sender()
 
     async def take(self) -> bytes | None:
         """Everything waiting, as one piece; None once rendering is over and everything was taken."""
         while not self.chunks:
             if self.closed:
                 return None
-            self._filled.clear()
-            await self._filled.wait()
+            self._filled = self.loop.create_future()
+            try:
+                await self._filled
+            finally:
+                self._filled = None
         data = b"".join(self.chunks)
         self.chunks.clear()
         self.size = 0
-        self._room.set()
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
         return data
 
     def close(self) -> None:
         self.closed = True
-        self._filled.set()
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        filled, self._filled = self._filled, None
+        if filled is not None and not filled.done():
+            filled.set_result(None)
+
+
+class _SendTimer:
+    """One timer per stream instead of one per send (a send is a clock read): a send still in flight `timeout`
+    seconds after it began marks the client slow and cancels `sending`, which stops the stream."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, outbox: _Outbox, sending: asyncio.Task, timeout: float
+    ) -> None:
+        self.loop, self.outbox, self.sending, self.timeout = loop, outbox, sending, timeout
+        self.handle = loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        started, now = self.outbox.send_started, self.loop.time()
+        if started is not None and now - started >= self.timeout:
+            self.outbox.slow = True
+            self.sending.cancel()
+            return
+        self.handle = self.loop.call_at((now if started is None else started) + self.timeout, self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 async def _client_left(receive: Receive) -> None:

@@ -34,6 +34,7 @@ from server.gateway.engine import (
 from server.gateway.errors import APIError, ClientGone, DeadlineExceeded
 from server.gateway.intake import off_loop
 from server.gateway.metrics import GatewayMetrics, RequestTimer
+from server.gateway.ratelimits import RateLimits, Windows
 from server.gateway.schemas import SchemaLimits
 from server.gateway.stream import Answer, Stream, Usage, collect
 from server.gateway.template import ChatTemplate
@@ -59,11 +60,13 @@ class Services:
     created: int
     tenants: Tenants = field(default_factory=lambda: Tenants([]))
     tracer: Tracer | None = None
+    ratelimits: RateLimits | None = None  # the keys' tokens per minute; default: the admission's
     limits: plans.Limits = field(init=False)
     adapters_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.ratelimits = self.ratelimits or self.admission.ratelimits
         self.limits = plans.Limits(
             base_names=s.base_model_names,
             adapters=self.engine.adapters,
@@ -171,7 +174,7 @@ async def _serve(
         with trace.phase("template"):
             prompts = await off_loop(raw, _encode_plan, svc, plan)
         options = caller.apply(plans.sampling_options(plan, [len(p) for p in prompts], svc.limits))
-        usage = _reserve_tokens(svc, caller, owner, Usage(sum(len(p) for p in prompts)), options)
+        usage = await _reserve_tokens(svc, caller, owner, Usage(sum(len(p) for p in prompts)), options)
         steps = caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids))
         stream = Stream(
             steps, plan.n, usage, timer, trace, slot, plan.tool_choice is not None, not plan.stream
@@ -390,6 +393,7 @@ class Caller:
     timeout: float | None  # seconds, from arrival
     batch: bool = False  # a line of a batch (server.batch.worker): the batch cap, --batch-priority
     start: float = field(default_factory=time.monotonic)
+    windows: Windows = field(default_factory=dict)  # its key's buckets as its checks left them: its headers
 
     def apply(self, options: list[SamplingOptions]) -> list[SamplingOptions]:
         for o in options:
@@ -402,7 +406,7 @@ class Caller:
         return steps if self.timeout is None else _within(steps, self.start + self.timeout, self.timeout)
 
 
-def _reserve_tokens(
+async def _reserve_tokens(
     svc: Services, caller: Caller, owner: AsyncExitStack, usage: Usage, options: list[SamplingOptions]
 ) -> Usage:
     """The key's account: its worst case (prompt + n x max_tokens) is reserved from its tokens per minute now,
@@ -414,23 +418,21 @@ def _reserve_tokens(
     # --batch-counts-toward-limits.
     charged = not caller.batch or svc.settings.batch_counts_toward_limits
     worst = usage.prompt_tokens + sum(o.n * o.max_tokens for o in options)
-    try:
-        reserved = tenant.reserve_tokens(worst, "max_tokens") if charged else 0
-    except APIError:
-        svc.metrics.key_rate_limited.labels(tenant.name).inc()
-        raise
-    owner.callback(_settle, svc.metrics, tenant, reserved, usage, charged)
+    limits = svc.ratelimits
+    reserved = await limits.reserve_tokens(tenant, worst, "max_tokens", caller.windows) if charged else None
+    owner.push_async_callback(_settle, svc.metrics, limits, caller, reserved, usage)
     return usage
 
 
-def _settle(
-    metrics: GatewayMetrics, tenant: Tenant, reserved: int, usage: Usage, charged: bool = True
+async def _settle(
+    metrics: GatewayMetrics, limits: RateLimits, caller: Caller, reserved: int | None, usage: Usage
 ) -> None:
-    if charged:
-        tenant.settle_tokens(reserved, usage.prompt_tokens + usage.completion_tokens)
+    tenant = caller.tenant
     metrics.key_requests.labels(tenant.name).inc()
     metrics.key_prompt_tokens.labels(tenant.name).inc(usage.prompt_tokens)
     metrics.key_generation_tokens.labels(tenant.name).inc(usage.completion_tokens)
+    used = usage.prompt_tokens + usage.completion_tokens
+    await limits.settle_tokens(tenant, reserved, used, caller.windows)
 
 
 def _trace(
@@ -476,7 +478,8 @@ def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Ca
     if batch and svc.engine.priority_scheduling:  # the spare-capacity lane: never more urgent than the flag
         chosen = max(chosen, svc.settings.batch_priority)
     salt = tenant.cache_salt if svc.tenants.enabled and svc.settings.cache_isolation else None
-    return Caller(tenant, model, adapter, chosen, salt, _timeout(svc, raw), batch)
+    windows = getattr(raw.state, "ratelimits", {})
+    return Caller(tenant, model, adapter, chosen, salt, _timeout(svc, raw), batch, windows=windows)
 
 
 def _timeout(svc: Services, raw: Request) -> float | None:

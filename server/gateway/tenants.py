@@ -16,6 +16,9 @@ mapping of names to keys, as a Kubernetes Secret mounts it:
       key: sk-ops-secret
       admin: true                             # may load and unload LoRA adapters at run time (default false)
 
+What a key has used of its limits is counted in server.gateway.ratelimits (in this process, or in Redis for
+every process and replica); a Tenant only says what the limits are.
+
 Keys are held and compared as SHA-256 digests, every key each time, in constant time. The name (never the key)
 labels metrics and access logs, and salts the prefix cache (`cache_salt`), so tenants never share KV blocks.
 Flat `--api-keys` keys are never admins.
@@ -25,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,40 +44,6 @@ def digest(key: str | bytes) -> bytes:
     return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
 
 
-class Bucket:
-    """A token bucket of `per_minute`, full at start: at most a minute's allowance at once, refilled evenly.
-    `take` a negative amount to give back (never above the capacity)."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.level = self.capacity
-        self.updated = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def remaining(self) -> int:
-        self._refill()
-        return max(0, math.floor(self.level))
-
-    def wait(self, amount: float = 1.0) -> float:
-        """Seconds until `amount` can be taken (0: now)."""
-        self._refill()
-        return max(0.0, (amount - self.level) / self.rate)
-
-    def reset(self) -> float:
-        """Seconds until the bucket is full again."""
-        self._refill()
-        return (self.capacity - self.level) / self.rate
-
-    def take(self, amount: float) -> None:
-        self._refill()
-        self.level = min(self.capacity, self.level - amount)
-
-
 @dataclass
 class Tenant:
     name: str
@@ -88,74 +55,15 @@ class Tenant:
     priority: int = 0
     min_priority: int | None = None
     admin: bool = False  # may use the runtime LoRA API
-    sequences: int = 0  # in flight now
-    requests: Bucket | None = field(default=None, repr=False)
-    tokens: Bucket | None = field(default=None, repr=False)
     cache_salt: str = field(default="", repr=False)  # vLLM's cache_salt for this key's requests
 
     def __post_init__(self) -> None:
         self.cache_salt = hashlib.sha256(f"dsv2-serve key {self.name}".encode()).hexdigest()
-        if self.requests_per_minute:
-            self.requests = Bucket(self.requests_per_minute)
-        if self.tokens_per_minute:
-            self.tokens = Bucket(self.tokens_per_minute)
 
-    def admit_request(self) -> None:
-        """One more request, or a 429 saying which limit and when to retry."""
-        if self.requests is None:
-            return
-        seconds = self.requests.wait(1)
-        if seconds > 0:
-            raise self._limited(f"rate limit of key {self.name!r} reached (requests per minute)", seconds)
-        self.requests.take(1)
-
-    def reserve_tokens(self, worst: int, param: str) -> int:
-        """Reserve a request's worst case (prompt + n x max tokens) of the tokens-per-minute budget, so that no
-        request can spend what the key does not have; `settle_tokens` gives back what it did not use. A 429 with
-        the wait when the budget has too little left now; a 400 naming `param` (the max tokens parameter) when
-        the worst case is more than a minute's allowance, which no wait can make fit. Returns what was reserved."""
-        if self.tokens is None:
-            return 0
-        limit = int(self.tokens.capacity)
-        if worst > limit:
-            raise APIError(
-                f"this request may use up to {worst} tokens (prompt + n x {param}), more than key {self.name!r} "
-                f"may use in a minute ({limit} tokens per minute); lower {param}",
-                param=param,
-                code="rate_limit_exceeded",
-            )
-        seconds = self.tokens.wait(worst)
-        if seconds > 0:
-            raise self._limited(
-                f"rate limit of key {self.name!r} reached (tokens per minute): {self.tokens.remaining()} of "
-                f"{limit} left, and this request may use up to {worst} (prompt + n x {param})",
-                seconds,
-            )
-        self.tokens.take(worst)
-        return worst
-
-    def settle_tokens(self, reserved: int, used: int) -> None:
-        """A request has ended, however it ended: it is charged `used`, and the rest of `reserved` returns."""
-        if self.tokens is not None:
-            self.tokens.take(used - reserved)
-
-    def _limited(self, message: str, seconds: float) -> APIError:
-        return APIError(
-            f"{message}; retry in {math.ceil(seconds)} s",
-            429,
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(max(1, math.ceil(seconds))), **self.headers()},
-        )
-
-    def headers(self) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for the limits this key has."""
-        out: dict[str, str] = {}
-        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
-            if bucket is not None:
-                out[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
-                out[f"x-ratelimit-remaining-{kind}"] = str(bucket.remaining())
-                out[f"x-ratelimit-reset-{kind}"] = f"{bucket.reset():.3f}s"
-        return out
+    @property
+    def rate_limited(self) -> bool:
+        """Requests or tokens per minute: its responses carry the x-ratelimit-* headers."""
+        return bool(self.requests_per_minute or self.tokens_per_minute)
 
     def check_priority(self, asked: int | None) -> int:
         """The request's priority: its own, or the key's default; 400 if more urgent than the key may ask."""
