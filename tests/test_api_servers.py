@@ -1,7 +1,8 @@
 """Several gateway processes in front of one engine core (`--api-server-count 2`), on the real vLLM engine: load
 spread over both, one admission budget, one /metrics with every process's series, a drain of every process on
 SIGTERM, and a killed process taking the pod down (the parent notices, the probes fail) instead of serving on
-half-broken. The rate-limit store across the processes is in tests/test_rate_limit_store.py.
+half-broken, and a key's requests per minute counted once for both through a real Redis (--rate-limit-store;
+the store's own tests, across separate gateways, are in tests/test_rate_limit_store.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,16 +21,39 @@ import psutil
 import pytest
 
 from tests.test_gateway_engine import MODEL, Server, start_server
+from tests.test_rate_limit_store import RedisServer
 
 pytestmark = pytest.mark.engine
 
 BUDGET = 3
+KEYS = """
+open: sk-open
+three:
+  key: sk-three
+  requests_per_minute: 3
+"""
+AUTH = {"Authorization": "Bearer sk-open"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("api-servers") / "server.log"
-    srv = start_server(tiny_lite_dir, log, "--api-server-count", "2", "--max-inflight-sequences", str(BUDGET))
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lite_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer):
+    work = tmp_path_factory.mktemp("api-servers")
+    (work / "keys.yaml").write_text(KEYS)
+    srv = start_server(
+        tiny_lite_dir,
+        work / "server.log",
+        "--api-server-count", "2",
+        "--max-inflight-sequences", str(BUDGET),
+        "--api-key-file", str(work / "keys.yaml"),
+        "--rate-limit-store", redis_server.url,
+    )  # fmt: skip
     yield srv
     srv.stop()
 
@@ -51,7 +76,7 @@ def long_stream(server: Server, results: list, tokens: int = 300) -> None:
     """A streamed completion of `tokens` tokens on a connection of its own; appends (status, finish_reason)."""
     body = {"model": MODEL, "prompt": "Once", "max_tokens": tokens, "ignore_eos": True, "stream": True}
     finish = None
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=180) as r:
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=180) as r:
         for line in r.iter_lines():
             if line.startswith("data: {") and '"finish_reason":"' in line:
                 finish = re.search(r'"finish_reason":"(\w+)"', line).group(1)
@@ -69,7 +94,11 @@ def test_streams_spread_over_both_processes(server: Server) -> None:
     def chat(i: int, out: list) -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 24}
         with httpx.stream(
-            "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+            "POST",
+            f"{server.url}/v1/chat/completions",
+            json={**body, "stream": True},
+            headers=AUTH,
+            timeout=120,
         ) as r:
             out.append((r.status_code, [line for line in r.iter_lines() if line]))
 
@@ -95,7 +124,11 @@ def test_one_budget_for_every_process(server: Server) -> None:
     wait_for(lambda: metric(server, "dsv2_sequences_in_flight") == BUDGET)  # summed over the processes
     refused = []
     for _ in range(4):  # fresh connections: the least-loaded process accepts each
-        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+            headers=AUTH,
+        )
         refused.append((r.status_code, r.json()["error"]["message"]))
     for t in threads:
         t.join()
@@ -117,7 +150,11 @@ def test_metrics_sum_every_process(server: Server) -> None:
     before = metric(server, route)
     before_tokens = metric(server, "vllm:generation_tokens_total")
     for _ in range(6):  # each on a new connection, so both processes take some
-        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": MODEL, "prompt": "hi", "max_tokens": 3},
+            headers=AUTH,
+        )
         assert r.status_code == 200
     served = served_by(server, "POST", "/v1/completions", 200)[-6:]
     assert set(served) == {"api-server-0", "api-server-1"}
@@ -126,6 +163,32 @@ def test_metrics_sum_every_process(server: Server) -> None:
         assert metric(server, "vllm:generation_tokens_total") >= before_tokens + 18
     assert metric(server, "dsv2_inflight_sequences_limit") == BUDGET
     assert metric(server, 'dsv2_startup_phase{phase="serving"}') == 1
+
+
+def test_a_key_s_requests_per_minute_hold_across_processes(server: Server) -> None:
+    """A key allowed 3 requests a minute, 8 requests at once on fresh connections (both processes take some):
+    exactly three are served, counted once in the shared store, not three per process."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(
+            f"{server.url}/v1/completions",
+            json=body,
+            headers={"Authorization": "Bearer sk-three"},
+            timeout=60,
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, range(8)))
+    assert sorted(r.status_code for r in answers) == [200] * 3 + [429] * 5
+    assert sorted(r.headers["x-ratelimit-remaining-requests"] for r in answers if r.status_code == 200) == [
+        "0",
+        "1",
+        "2",
+    ]
+    time.sleep(0.5)
+    lines = re.findall(r' three "POST /v1/completions" \d+ .* server=(api-server-\d)', server.log.read_text())
+    assert len(lines) == 8 and set(lines) == {"api-server-0", "api-server-1"}
 
 
 def test_runtime_lora_loading_is_refused(tmp_path: Path) -> None:
