@@ -50,6 +50,7 @@ PICKER_TARGET = {"job": PICKER_JOB, "instance": "10.0.0.2:9090", "namespace": "l
 _KSM = 'job="kube-state-metrics", namespace="llm"'
 # The rule group of alerts on the gateway's own /metrics: the ones a real scrape below can evaluate.
 GATEWAY_GROUP = "dsv2-serve"
+STORE_GROUP = "dsv2-serve-rate-limit-store"  # pods with --rate-limit-store: not on the scrape below
 # Grafana's variables as "All" selects them.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$namespace": ".*", "$model": ".*"}
 
@@ -172,6 +173,7 @@ def test_the_alerts_the_issue_asks_for() -> None:
         "DSV2KVCacheNearlyFull",
         "DSV2High429Rate",
         "DSV2EventLoopLag",
+        "DSV2RateLimitStoreDown",
         "DSV2NoAvailableReplica",
         "DSV2EndpointPickerDown",
         "DSV2EndpointPickerMissesPods",
@@ -214,10 +216,22 @@ def test_cluster_alerts_read_metrics_their_exporters_have() -> None:
                     rule["alert"],
                     names,
                 )
+            elif group["name"] == STORE_GROUP:  # metrics of pods with a store only: as the gateway names them
+                assert names <= _gateway_metric_names(), (rule["alert"], names)
             else:
                 assert names <= PICKER_METRICS | KUBE_STATE_METRICS | {"up"}, (rule["alert"], names)
             for code in re.findall(r'error_code!?=~?"([^"]*)"', rule["expr"]):
                 assert code in PICKER_ERROR_CODES, code
+
+
+def _gateway_metric_names() -> set[str]:
+    from server.gateway.metrics import GatewayMetrics
+
+    return {
+        name
+        for family in GatewayMetrics().registry.collect()
+        for name in (family.name, f"{family.name}_total")
+    }
 
 
 # Synthetic series for `promtool test rules`, one hour at 1m steps. TARGET is replaced by a gateway target's
@@ -239,6 +253,8 @@ _SERIES = {
     'dsv2_event_loop_lag_seconds_bucket{TARGET, le="0.5"}': "0x60",
     'dsv2_event_loop_lag_seconds_bucket{TARGET, le="1.0"}': "0+600x60",
     'dsv2_event_loop_lag_seconds_bucket{TARGET, le="+Inf"}': "0+600x60",
+    # The rate-limit store unreachable for the whole hour.
+    'dsv2_rate_limit_store_up{TARGET, store="redis://dsv2-serve-redis:6379/0"}': "0x60",
     # Downloading for the whole hour.
     'dsv2_startup_phase{TARGET, phase="downloading"}': "1x60",
     'dsv2_startup_phase{TARGET, phase="serving"}': "0x60",
@@ -271,6 +287,7 @@ _QUIET_SERIES = {
     'dsv2_time_to_first_token_seconds_count{job="JOB", namespace="llm", pod="p", route="/v1/completions"}': "0+600x60",
     'vllm:kv_cache_usage_perc{job="JOB", namespace="llm", pod="p", model_name="m"}': "0.5x60",
     'dsv2_startup_phase{job="JOB", namespace="llm", pod="p", phase="serving"}': "1x60",
+    'dsv2_rate_limit_store_up{job="JOB", namespace="llm", pod="p", store="redis://dsv2-serve-redis:6379/0"}': "1x60",
     'dsv2_startup_phase{job="JOB", namespace="llm", pod="starting", phase="downloading"}': "_x40 1x20",
     'dsv2_startup_phase{job="JOB", namespace="llm", pod="starting", phase="serving"}': "_x40 0x20",
     f'kube_deployment_spec_replicas{{{_KSM}, deployment="JOB"}}': "3x60",
@@ -339,6 +356,7 @@ def _expected(alert: str) -> dict:
         "DSV2StartupSlow": {"namespace": "llm", "pod": TARGET_LABELS["pod"]},
         "DSV2KVCacheNearlyFull": {"namespace": "llm", "pod": TARGET_LABELS["pod"], "model_name": "tiny-dsv2"},
         "DSV2EventLoopLag": {"namespace": "llm", "pod": TARGET_LABELS["pod"]},
+        "DSV2RateLimitStoreDown": {"namespace": "llm", "pod": TARGET_LABELS["pod"]},
         "DSV2NoAvailableReplica": {"namespace": "llm", "deployment": JOB},
         "DSV2EndpointPickerDown": PICKER_TARGET,
         "DSV2EndpointPickerMissesPods": {"namespace": "llm", "deployment": "dsv2-serve-pool"},
