@@ -261,6 +261,20 @@ def report(conc: int, results: dict[str, Result]) -> None:
         )
 
 
+def server_flags(engine_args: list[str]) -> list[str]:
+    """The flags every target of a benchmark gets. On CPU --gpu-memory-utilization is the share of host memory
+    vLLM checks is free: several engines share the machine here."""
+    return ["--served-model-name", MODEL_NAME, "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
+            *engine_args]  # fmt: skip
+
+
+def tiny_model(tmp: Path) -> str:
+    """A tiny checkpoint written under `tmp`, for a benchmark given no --model."""
+    from server.tiny_model import write_tiny_model
+
+    return str(write_tiny_model(tmp / "tiny"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -279,21 +293,9 @@ def main() -> int:
     parser.add_argument("engine_args", nargs="*", help="vLLM engine flags given to every target (after --)")
     a = parser.parse_args()
 
-    # On CPU --gpu-memory-utilization is the fraction of host memory vLLM checks for: three engines share it here.
-    flags = [
-        "--served-model-name",
-        MODEL_NAME,
-        "--max-model-len",
-        "1024",
-        "--gpu-memory-utilization",
-        "0.2",
-        *a.engine_args,
-    ]
+    flags = server_flags(a.engine_args)
     tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
-    if a.model is None:
-        from server.tiny_model import write_tiny_model
-
-        a.model = str(write_tiny_model(tmp / "tiny"))
+    a.model = a.model or tiny_model(tmp)
     ours = theirs = None
     try:
         ours, ours_url = serve(

@@ -265,6 +265,14 @@ class Settings(ModelSettings):
         gt=0,
         description="A stream whose client takes no data for this many seconds is aborted and its slot released.",
     )
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        description="Tokens per streamed event, as vLLM's --stream-interval: the engine hands a stream's tokens "
+        "over once N have come (the first and the last at once), as one SSE event with their text, logprobs and "
+        "tool-call deltas; the same text in fewer events, for less front-end CPU per token (docs/benchmarks.md). "
+        "A stream that falls behind gets what it missed in one event whatever N is.",
+    )
     max_connections: int = Field(
         default=2048,
         ge=1,
@@ -534,6 +542,7 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-schema-pattern-repeat", {"type": int}),
     ("--max-schema-branches", {"type": int}),
     ("--stream-send-timeout", {"type": float}),
+    ("--stream-interval", {"type": int}),
     ("--max-connections", {"type": int}),
     ("--header-timeout", {"type": float}),
     ("--body-timeout", {"type": float}),

@@ -73,6 +73,16 @@ def test_cached_tokens_only_on_the_first_step():
     assert engine_step(output(choice(0, "a", [5])), [1], options, first=True).cached_tokens == 0
 
 
+def test_first_token_time_on_the_first_step_only():
+    """vLLM's stats give the first token's wall clock (arrival + latency); the first step carries it, the only one a
+    non-streamed request gets (a stream's later steps are not read for it)."""
+    stats = SimpleNamespace(arrival_time=1000.0, first_token_latency=0.25, queued_ts=0.0, last_token_ts=0.0)
+    out = output(choice(0, "a", [5]), metrics=stats)
+    options = SamplingOptions(max_tokens=4)
+    assert engine_step(out, [1], options, first=True).first_token_time == 1000.25
+    assert engine_step(out, [1], options, first=False).first_token_time is None
+
+
 def test_logprobs_chosen_token_first_and_top_k_by_rank():
     position = {9: lp(-0.1, 1, "A"), 5: lp(-2.0, 3, "C"), 4: lp(-1.0, 2, "B")}
     out = output(choice(0, "C", [5], logprobs=[position]))

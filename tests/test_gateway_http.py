@@ -586,6 +586,43 @@ def test_metric_values_move(tiny_lite_dir):
         )  # the same prompt, three requests that reached the engine
 
 
+def test_gathered_inter_token_latencies_are_what_observe_gives():
+    """A stream's inter-token latencies, gathered and flushed in one go (metrics._Gathered), leave the histogram
+    exactly as an observe() of each would: the bucket bounds themselves, values between them and past the last."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.gateway.metrics import _ITL_BUCKETS, _Gathered
+
+    values = [*_ITL_BUCKETS, 0.0, 0.0004, 0.003, 0.0999, 7.0, 1e9, *(i / 1000 for i in range(300))]
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    plain, gathered = (
+        Histogram("itl", "itl", ["route"], buckets=_ITL_BUCKETS, registry=r).labels("/x") for r in registries
+    )
+    batch = _Gathered(gathered)
+    for i, v in enumerate(values):
+        plain.observe(v)
+        batch.observe(v)
+        if i % 97 == 0:
+            batch.flush()
+    batch.flush()
+    batch.flush()  # nothing gathered since: nothing added
+
+    def samples(registry: CollectorRegistry) -> dict:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, s.labels.get("le")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    want, got = samples(registries[0]), samples(registries[1])
+    sums = got.pop(("itl_sum", None)), want.pop(("itl_sum", None))
+    assert sums[0] == pytest.approx(sums[1], rel=1e-12)  # the same values, added in batches
+    assert got == want  # every bucket and the count, exactly
+
+
 def test_an_engine_refusal_is_the_clients_400_on_every_api(tiny_lite_dir, monkeypatch):
     """A request the engine refuses after admission (FakeEngine refuses a negative temperature, as vLLM does what
     its own checks forbid) is a 400 naming the parameter, streamed or not, and never counts as an engine error."""

@@ -52,6 +52,21 @@ def test_engine_args_from_settings(tiny_lite_dir):
     )
 
 
+def test_stream_interval_is_vllms(monkeypatch, tiny_lite_dir):
+    """--stream-interval (or DSV2_STREAM_INTERVAL) is vLLM's own, set on the engine's output processor."""
+    from pydantic import ValidationError
+
+    from server.gateway.engine import build_engine_args
+
+    assert build_engine_args(parse(["--model", str(tiny_lite_dir)])).stream_interval == 1
+    given = parse(["--model", str(tiny_lite_dir), "--stream-interval", "4"])
+    assert build_engine_args(given).stream_interval == 4
+    monkeypatch.setenv("DSV2_STREAM_INTERVAL", "8")
+    assert build_engine_args(parse(["--model", str(tiny_lite_dir)])).stream_interval == 8
+    with pytest.raises(ValidationError, match="stream_interval"):
+        parse(["--model", str(tiny_lite_dir), "--stream-interval", "0"])
+
+
 def test_attention_backend_flag_passes_through(tiny_lite_dir):
     from server.gateway.engine import build_engine_args
 

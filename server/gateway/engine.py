@@ -109,7 +109,8 @@ class EngineStep:
     choices: list[ChoiceDelta]
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    first_token_time: float | None = None  # wall clock of the first generated token, once known
+    # Wall clock of the first generated token, on the first step (the only one of a non-streamed request).
+    first_token_time: float | None = None
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache (first step only)
     timings: EngineTimings | None = None  # on the last step, when the engine keeps request stats
     prompt: int = 0  # which of a request's prompts this step is of (generate_many sets it)
@@ -216,6 +217,7 @@ def build_engine_args(settings: Settings):
         args.quantization = settings.quantization
     args.gpu_memory_utilization = settings.gpu_memory_utilization
     args.seed = settings.seed
+    args.stream_interval = settings.stream_interval
     args.trust_remote_code = settings.trust_remote_code or args.trust_remote_code
     if settings.max_model_len is not None:
         args.max_model_len = settings.max_model_len
@@ -333,6 +335,12 @@ class VLLMEngine:
                 Path(status).unlink(missing_ok=True)
         self.max_model_len = self._llm.model_config.max_model_len
         self.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
+        # vLLM's output processor reads an environment variable per token (VLLM_COMPUTE_NANS_IN_LOGITS, ~3 us
+        # here); its engine core and workers cache them once started, and so does this process, as vLLM does
+        # with an in-process engine core.
+        import vllm.envs
+
+        vllm.envs.enable_envs_cache()
         log.info("engine ready in %.1f s (max_model_len=%d)", time.monotonic() - started, self.max_model_len)
 
     def _build(self, loop: asyncio.AbstractEventLoop, built: asyncio.Future) -> None:
@@ -488,24 +496,22 @@ def _rejected(exc: Exception) -> EngineRejected:
 
 def engine_step(out: Any, prompt_token_ids: list[int], options: SamplingOptions, first: bool) -> EngineStep:
     """One vLLM RequestOutput (a delta, or the whole output when not streaming) -> EngineStep; a pure function
-    of its arguments. `first`: the request's first output, the one that carries the prompt's logprobs and its
-    prefix-cache hits. A choice that finished with vLLM's "error" raises EngineFailed, "abort" RequestAborted."""
+    of its arguments. `first`: the request's first output, the one that carries the prompt's logprobs, its
+    prefix-cache hits and its first token's time. A choice that finished with vLLM's "error" raises EngineFailed,
+    "abort" RequestAborted."""
+    # The per-token path: positional arguments, and the stats read only on the steps that carry them.
     choices = []
+    top = options.logprobs
     for c in out.outputs:
-        if c.finish_reason == "error":
+        reason, stop = c.finish_reason, c.stop_reason
+        if reason == "error":
             raise EngineFailed(f"request {out.request_id}: choice {c.index} finished with an error")
-        if c.finish_reason == "abort":
+        if reason == "abort":
             raise RequestAborted(out.request_id)
+        logprobs = None if top is None else _token_logprobs(c.token_ids, c.logprobs, top)
         choices.append(
             ChoiceDelta(
-                index=c.index,
-                text=c.text,
-                num_tokens=len(c.token_ids),
-                logprobs=_token_logprobs(c.token_ids, c.logprobs, options.logprobs)
-                if options.logprobs is not None
-                else None,
-                finish_reason=c.finish_reason,
-                stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
+                c.index, c.text, len(c.token_ids), logprobs, reason, stop if isinstance(stop, str) else None
             )
         )
     prompt_logprobs = None
@@ -513,14 +519,15 @@ def engine_step(out: Any, prompt_token_ids: list[int], options: SamplingOptions,
         prompt_logprobs = [None] + _token_logprobs(
             prompt_token_ids[1:], out.prompt_logprobs[1:], options.prompt_logprobs
         )
+    finished = out.finished
     return EngineStep(
         len(prompt_token_ids),
         choices,
-        out.finished,
+        finished,
         prompt_logprobs,
-        _first_token_time(out),
+        _first_token_time(out) if first else None,
         (out.num_cached_tokens or 0) if first else None,
-        _timings(out) if out.finished else None,
+        _timings(out) if finished else None,
     )
 
 

@@ -141,7 +141,8 @@ async def chat_events(
 ) -> AsyncIterator[bytes]:
     """Chat chunks: each choice's role chunk, then its deltas (text, or with tools content and tool-call deltas
     exactly as OpenAI streams them: a call's first delta carries its index, id, type and name, later ones
-    fragments of its arguments), finish_reason on each choice's last chunk, the usage chunk when asked, [DONE]."""
+    fragments of its arguments), finish_reason on each choice's last chunk, the usage chunk when asked, [DONE].
+    The chunks of one engine step (one per choice, or a tool call's several) come as one piece: one send."""
     base = env.head("chat.completion.chunk")
     frame = _Frame(base, include_usage, stream.usage if continuous else None)
     prefix = frame.prefix
@@ -153,23 +154,24 @@ async def chat_events(
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         return (prefix + _dumps(choice) + frame.suffix()).encode()
 
-    for i in range(n):
-        yield chunk(i, {"role": "assistant", "content": ""})
+    yield b"".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(n))
     constant = frame.constant if frame.running is None else None
     # The usual chunk (text, no logprobs) is assembled from pre-encoded pieces; anything else goes through chunk().
     heads = [f'{prefix}{{"index":{i},"delta":{{"content":' for i in range(n)]
     async for deltas in stream:
+        out: list[bytes] = []
         for d in deltas:
             if d.events is not None:
-                for out in _tool_chunks(d, chunk):
-                    yield out
+                out += _tool_chunks(d, chunk)
             elif d.logprobs is None and d.text:
-                yield (
+                out.append(
                     f'{heads[d.index]}{encode_basestring(d.text)}}},"logprobs":null,'
-                    f'"finish_reason":{_finish_json(d.finish)}}}{constant or frame.suffix()}'
-                ).encode()
+                    f'"finish_reason":{_finish_json(d.finish)}}}{constant or frame.suffix()}'.encode()
+                )
             elif d.text or d.finish is not None or d.logprobs:
-                yield chunk(d.index, {"content": d.text} if d.text else {}, d.logprobs, d.finish)
+                out.append(chunk(d.index, {"content": d.text} if d.text else {}, d.logprobs, d.finish))
+        if out:
+            yield out[0] if len(out) == 1 else b"".join(out)
     yield _ending(stream, base, include_usage)
 
 
@@ -212,7 +214,7 @@ async def completion_events(
     continuous: bool = False,
 ) -> AsyncIterator[bytes]:
     """Completion chunks; choice index = prompt index * n + choice. echo: per prompt, its text, sent (with its
-    token logprobs when asked) before the choice's first delta."""
+    token logprobs when asked) before the choice's first delta. The chunks of one engine step come as one piece."""
     base = env.head("text_completion")
     frame = _Frame(base, include_usage, stream.usage if continuous else None)
     offsets: dict[int, int] = {}
@@ -226,6 +228,7 @@ async def completion_events(
         ).encode()
 
     async for deltas in stream:
+        out: list[bytes] = []
         for d in deltas:
             text, lp = d.text, None
             if echo is not None and d.index not in echoed:
@@ -242,7 +245,9 @@ async def completion_events(
                     for key in lp:
                         lp[key].extend(more[key])
             if text or d.finish is not None or lp is not None:
-                yield chunk(d.index, text, lp, d.finish)
+                out.append(chunk(d.index, text, lp, d.finish))
+        if out:
+            yield out[0] if len(out) == 1 else b"".join(out)
     yield _ending(stream, base, include_usage)
 
 
@@ -341,9 +346,8 @@ class SSEResponse(StreamingResponse):
 
     async def _send(self, send: Send, outbox: _Outbox) -> None:
         """The headers, then what the outbox holds as it comes, then the end; each send timed by _SendTimer."""
-        await self._timed(
-            send, {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}, outbox
-        )
+        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        await self._timed(send, start, outbox)
         while (data := await outbox.take()) is not None:
             await self._timed(send, {"type": "http.response.body", "body": data, "more_body": True}, outbox)
         if outbox.error is not None:
@@ -373,7 +377,8 @@ class _Outbox:
         self.closed = False  # rendering is over: nothing more comes
         self.error: Exception | None = None  # why rendering failed, if it did
         self.slow = False  # the client took no data for the send timeout
-        self.send_started: float | None = None  # loop.time() when the send in flight began; None between sends
+        # loop.time() when the send in flight began; None between sends.
+        self.send_started: float | None = None
         # Plain futures, not asyncio.Events: an Event looks up the running loop at every wait.
         self._filled: asyncio.Future | None = None  # the sender's wait for chunks
         self._room: asyncio.Future | None = None  # the renderer's wait for room

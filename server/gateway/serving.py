@@ -160,6 +160,7 @@ async def _serve(
     caller = _caller(svc, raw, model, priority)
     timer = RequestTimer(svc.metrics, dialect.route, latency=not caller.batch)
     async with AsyncExitStack() as owner:
+        owner.callback(timer.flush)  # the inter-token latencies it gathered, however the request ends
         trace = _trace(svc, raw, caller, timer, owner, request_id)
         with trace.phase("admission"):
             slot = await owner.enter_async_context(
