@@ -118,7 +118,8 @@ def test_batch_lines_run_at_batch_priority_outside_rate_limits(tiny_lite_dir: Pa
 
 def test_batch_tokens_count_toward_limits_only_with_the_flag(tiny_lite_dir: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys.yaml"
-    keys.write_text("metered:\n  key: sk-m\n  tokens_per_minute: 5000\n  requests_per_minute: 3\n")
+    # 300 tokens a minute refill 5 a second: the 2 lines' ~26 tokens show for seconds, on a loaded machine too.
+    keys.write_text("metered:\n  key: sk-m\n  tokens_per_minute: 300\n  requests_per_minute: 3\n")
     m = {"Authorization": "Bearer sk-m"}
     live = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
     remaining = {}

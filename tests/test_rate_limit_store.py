@@ -62,6 +62,14 @@ heads:
 down:
   key: sk-down
   requests_per_minute: 3
+all:
+  key: sk-all
+  requests_per_minute: 2
+  tokens_per_minute: 600
+  max_sequences: 2
+bad:
+  key: sk-bad
+  requests_per_minute: 5
 """
 QUICK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 STREAM = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -190,6 +198,13 @@ async def test_buckets_refill_refund_to_capacity_and_expire(redis_server):
     await store.close()
 
 
+async def acquire(store, key: Tenant, cost: int):
+    """`cost` of the key's max_sequences alone: (the lease or None, the sequences held)."""
+    taken = await store.take(key, {}, fit=True, sequences=cost)
+    assert (taken.refused == "sequences") == (taken.lease is None)
+    return taken.lease, taken.held
+
+
 async def test_leases_count_costs_lapse_and_renew(redis_server):
     # Not opened: renewed by hand below. Leases of 6 s leave a loaded machine's stalls (a CI run beside a
     # benchmark) a wide margin.
@@ -198,17 +213,17 @@ async def test_leases_count_costs_lapse_and_renew(redis_server):
     key = Tenant("lua-seq", b"", max_sequences=3)
     leases = "dsv2:ratelimit:{lua-seq}:sequences"
     with redis_server.client() as r:
-        two, held = await store.acquire(key, 2)
+        two, held = await acquire(store, key, 2)
         assert two is not None and held == 2
-        assert await store.acquire(key, 2) == (None, 2)  # 2 + 2 > 3
-        one, held = await store.acquire(key, 1)
+        assert await acquire(store, key, 2) == (None, 2)  # 2 + 2 > 3
+        one, held = await acquire(store, key, 1)
         assert one is not None and held == 3
         assert r.zcard(leases) == 2 and 0 < r.pttl(leases) <= lease * 1000 + 50  # lapses with its last lease
         # Renewed within the lease, they outlive it.
         await asyncio.sleep(lease * 0.6)
         await store.renew()
         await asyncio.sleep(lease * 0.6)
-        assert await store.acquire(key, 1) == (None, 3)
+        assert await acquire(store, key, 1) == (None, 3)
         # Released: free at once, and a renewal does not bring it back.
         store.release(two)
         await gone(lambda: r.zscore(leases, two.member) is None)
@@ -216,7 +231,7 @@ async def test_leases_count_costs_lapse_and_renew(redis_server):
         assert r.zscore(leases, two.member) is None
         # A holder that stops renewing (a killed gateway): its leases lapse, and the next acquire drops them.
         await asyncio.sleep(lease + 0.1)
-        three, held = await store.acquire(key, 3)
+        three, held = await acquire(store, key, 3)
         assert three is not None and held == 3 and r.zcard(leases) == 1
     await store.close()
 
@@ -233,46 +248,88 @@ async def gone(condition: Callable[[], bool]) -> None:
 @pytest.mark.parametrize("where", ["process", "redis"])
 async def test_one_flow_over_either_counters(where, redis_server):
     """RateLimits decides the same over the in-process counters and over Redis: the same answers, messages and
-    headers; only where the counts live differs."""
+    headers from one take per admission; only where the counts live differs."""
     from server.gateway.errors import APIError
-    from server.gateway.ratelimits import LocalCounters, RateLimits, headers
+    from server.gateway.ratelimits import Account, LocalCounters, RateLimits, headers
 
     metrics = GatewayMetrics()
     store = LocalCounters() if where == "process" else counters(redis_server.url, metrics=metrics)
+    takes = []
+    take = store.take
+    store.take = lambda *args, **kwargs: takes.append(args[1:]) or take(*args, **kwargs)
     limits = RateLimits(store, metrics, fail_open=False)
-    key = Tenant(f"flow-{where}", b"", requests_per_minute=2, tokens_per_minute=100, max_sequences=1)
-    windows: dict = {}
-    await limits.admit_request(key, windows)
-    await limits.admit_request(key, windows)
-    assert headers(windows)["x-ratelimit-remaining-requests"] == "0"
-    assert headers(windows)["x-ratelimit-remaining-tokens"] == "100"  # looked at in the same check
-    with pytest.raises(APIError) as refused:
-        await limits.admit_request(key, windows)
-    assert refused.value.status == 429 and "requests per minute" in refused.value.message
-    assert (
-        refused.value.headers["Retry-After"] == "30"
-        and refused.value.headers["x-ratelimit-limit-tokens"] == "100"
-    )
+    key = Tenant(f"flow-{where}", b"", requests_per_minute=3, tokens_per_minute=100, max_sequences=1)
+    one = Account()
 
-    with pytest.raises(APIError) as never:
-        await limits.reserve_tokens(key, 101, "max_tokens", windows)
-    assert never.value.status == 400 and never.value.param == "max_tokens"
-    assert await limits.reserve_tokens(key, 80, "max_tokens", windows) == 80
-    with pytest.raises(APIError) as short:
-        await limits.reserve_tokens(key, 30, "max_tokens", windows)
-    assert short.value.status == 429 and "(tokens per minute): 20 of 100 left" in short.value.message
-    await limits.settle_tokens(key, 80, 10, windows)  # 70 back
-    assert 90 <= windows["tokens"].remaining <= 91  # 100 a minute: under 2 a second refilled meanwhile
-
-    lease = await limits.acquire_sequences(key, 1)
+    # One take for all three limits: a request, 80 tokens reserved, one sequence leased.
+    admitted = await limits.admit(key, one, tokens=80, sequences=1)
+    assert admitted.reserved == 80 and admitted.lease is not None and len(takes) == 1
+    assert one.checked and headers(one.windows)["x-ratelimit-remaining-requests"] == "2"
+    assert headers(one.windows)["x-ratelimit-remaining-tokens"] == "20"
+    # All or nothing: refused for its sequence, it takes no request and reserves no token.
     with pytest.raises(APIError) as busy:
-        await limits.acquire_sequences(key, 1)
+        await limits.admit(key, Account(), tokens=10, sequences=1)
     assert busy.value.status == 429 and "has 1 of its 1 sequences in flight" in busy.value.message
-    limits.release_sequences(lease)
+    assert busy.value.headers["Retry-After"] == "1"
+    assert busy.value.headers["x-ratelimit-remaining-requests"] == "2"
+    with pytest.raises(APIError) as short:
+        await limits.admit(key, Account(), tokens=30)
+    assert short.value.status == 429 and "(tokens per minute): 20 of 100 left" in short.value.message
+    with pytest.raises(APIError) as never:  # no wait makes it fit: a 400, and no take
+        await limits.admit(key, Account(), tokens=101)
+    assert never.value.status == 400 and never.value.param == "max_tokens" and len(takes) == 3
+    await limits.settle_tokens(key, admitted.reserved, 10, one)  # 70 back
+    assert 90 <= one.windows["tokens"].remaining <= 91  # 100 a minute: under 2 a second refilled meanwhile
+    limits.release_sequences(admitted.lease)
     await gone(lambda: store.sequences.get(key.name, 0) == 0 if where == "process" else not store._releases)
-    limits.release_sequences(await limits.acquire_sequences(key, 1))
+
+    # Not charged (a batch line): its sequences count, its requests and tokens do not.
+    free = await limits.admit(key, Account(), tokens=50, sequences=1, charged=False)
+    assert free.reserved is None and free.lease is not None
+    limits.release_sequences(free.lease)
+    await gone(lambda: store.sequences.get(key.name, 0) == 0 if where == "process" else not store._releases)
+
+    # The key's last request: the bucket is under one request now, and only time refills it, so its next
+    # requests are refused before their bodies, by this process alone, without a take.
+    await limits.admit(key, Account(), tokens=5)
+    last = Account()
+    held = await limits.admit(key, last, tokens=5, sequences=1)
+    assert last.windows["requests"].remaining == 0
+    limits.release_sequences(held.lease)
+    count = len(takes)
+    early = Account()
+    spent = limits.refuse_spent(key, early)
+    assert spent is not None and spent.status == 429 and "requests per minute" in spent.message
+    assert 1 <= int(spent.headers["Retry-After"]) <= 20  # 3 a minute: one every 20 s
+    assert spent.headers["x-ratelimit-remaining-requests"] == "0" and early.checked and len(takes) == count
+    assert limits.refuse_spent(Tenant(key.name, b"", requests_per_minute=1000), Account()) is None  # reloaded
+    # A request that ended before its check (a bad body) is one of the key's requests, when one is left.
+    other = Tenant(f"flow-{where}-2", b"", requests_per_minute=2)
+    bad = Account()
+    await limits.peek(other, bad, metered=True)
+    await limits.peek(other, bad, metered=True)  # once only
+    assert bad.checked and bad.windows["requests"].remaining == 1
     assert metrics.key_rate_limited.labels(key.name)._value.get() == 4
     await limits.close()
+
+
+async def test_admission_takes_all_or_nothing_in_one_script(redis_server):
+    """The admission's script: requests, tokens and a lease together, or none of them; and what refused."""
+    store = counters(redis_server.url)
+    key = Tenant("lua-admit", b"", requests_per_minute=5, tokens_per_minute=100, max_sequences=2)
+    leases = "dsv2:ratelimit:{lua-admit}:sequences"
+    with redis_server.client() as r:
+        taken = await store.take(key, {"requests": 1, "tokens": 60}, fit=True, sequences=2)
+        assert taken.refused is None and taken.held == 2 and r.zcard(leases) == 1
+        assert taken.windows == {"requests": Window(5, 4, 12.0), "tokens": Window(100, 40, 36.0)}
+        sequences = await store.take(key, {"requests": 1, "tokens": 10}, fit=True, sequences=1)
+        assert sequences.refused == "sequences" and sequences.held == 2 and sequences.lease is None
+        tokens = await store.take(key, {"requests": 1, "tokens": 50}, fit=True, sequences=1)
+        assert tokens.refused == "tokens" and 5.9 <= tokens.wait <= 6.1
+        looked = await store.take(key, {"requests": 0, "tokens": 0}, fit=True)
+        assert looked.windows["requests"].remaining == 4 and looked.windows["tokens"].remaining == 40
+        assert r.zcard(leases) == 1 and not store.leases.get(leases, set()) - {taken.lease.member}
+    await store.close()
 
 
 async def test_a_store_that_fails_fails_fast_and_comes_back():
@@ -546,6 +603,72 @@ def test_headers_read_the_shared_state(gateways):
     refill = 10 * (time.monotonic() - start) + 1  # 10 tokens a second
     for headers in (second.headers, looked):
         assert 600 - used <= int(headers["x-ratelimit-remaining-tokens"]) <= 600 - used + refill
+
+
+class Commands:
+    """What the gateways ask Redis about one key, read from Redis's own slow log (every command logged): the
+    scripts (EVALSHA: "take" by its SHA, else "script") and the release (ZREM); the commands the scripts run
+    inside are logged too, and left out."""
+
+    def __init__(self, redis_server: RedisServer, name: str) -> None:
+        import hashlib
+
+        from server.gateway.ratelimit_store import TAKE
+
+        self.redis_server, self.tag = redis_server, f"{{{name}}}".encode()
+        self.take_sha = hashlib.sha1(TAKE.encode()).hexdigest().encode()
+        with redis_server.client() as r:
+            r.script_load(TAKE)  # as it is after the first call: a fresh Redis answers NOSCRIPT once
+            r.config_set("slowlog-log-slower-than", 0)
+            r.config_set("slowlog-max-len", 100_000)
+            r.slowlog_reset()
+
+    def __call__(self) -> list[str]:
+        with self.redis_server.client() as r:
+            entries = sorted(r.slowlog_get(100_000), key=lambda e: e["id"])
+        seen = []
+        for entry in entries:
+            args = entry["command"].split(b" ")
+            if not any(self.tag in arg for arg in args):
+                continue
+            name = args[0].decode().lower()
+            if name not in ("evalsha", "zrem"):
+                continue
+            seen.append("take" if name == "evalsha" and args[1] == self.take_sha else
+                        "script" if name == "evalsha" else name)  # fmt: skip
+        return seen
+
+
+def test_one_round_trip_per_admission_and_none_for_a_spent_key(redis_server, gateways):
+    """A request of a key with all three limits asks Redis once to be admitted (its request, its tokens and its
+    sequences in one script) and once at its end (its sequences released); a key found spent is refused before
+    its body by the process that found it, without asking; a request that ends before its check still counts."""
+    a, b = gateways
+    commands = Commands(redis_server, "all")
+    served = a.post("sk-all", QUICK)
+    assert served.status_code == 200, served.text
+    assert served.headers["x-ratelimit-remaining-requests"] == "1"
+    until(lambda: "zrem" in commands(), 5)  # released in a task of its own, after the response
+    assert [c for c in commands() if c != "script"] == ["take", "zrem"]  # renewals aside
+    assert b.post("sk-all", QUICK).headers["x-ratelimit-remaining-requests"] == "0"  # B found it spent
+    before = len(commands())
+    refused = [b.post("sk-all", QUICK), b.post("sk-all", {"model": MODEL, "messages": "not a list"})]
+    for r in refused:
+        err = error_of(r, 429)
+        assert "requests per minute" in err["message"] and r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert 1 <= int(r.headers["retry-after"]) <= 30
+    assert len(commands()) == before  # B did not ask
+    error_of(a.post("sk-all", QUICK), 429)  # A asks once, and learns
+    assert commands()[before:].count("take") == 1
+    error_of(a.post("sk-all", QUICK), 429)
+    assert commands()[before:].count("take") == 1
+
+    # A request refused before its check (a bad body) is one of the key's requests: one take, at its response.
+    bad = Commands(redis_server, "bad")
+    err = error_of(a.post("sk-bad", {**QUICK, "temperature": 9}), 400)
+    assert err["param"] == "temperature"
+    assert bad() == ["take"]
+    assert a.post("sk-bad", QUICK).headers["x-ratelimit-remaining-requests"] == "3"
 
 
 def test_store_down_closed_refuses_open_admits_and_both_recover(redis_server, gateways):

@@ -1,6 +1,7 @@
 """Admission: one `async with` slot per generation request. The only owner of the in-flight budget (counted in
 sequences, the engine's real unit of work), of the drain state, and of aborting engine requests left behind.
-A slot also holds the request's sequences among its key's max_sequences (ratelimits.py), given back at exit.
+A slot also holds the request's sequences among its key's max_sequences (leased by the key's check in serving,
+ratelimits.py), given back at exit.
 
     async with admission.slot(cost=prompts * n, request_id=...) as slot:   # 503 draining, 429 over budget
         stream = Stream(generate_many(engine, ..., slot.engine_ids), ..., slot)  # tells the slot what finished
@@ -196,14 +197,6 @@ class Admission:
         with self.counts.lock:  # the check and the count as one step, across processes
             self._check_budget(cost, batch)
             self.counts.add(cost, batch)
-        # The budget is held while the key's limit is asked (with --rate-limit-store, a round trip to Redis), so
-        # that nothing admitted meanwhile can overfill it; refused (or cancelled), it is given back.
-        try:
-            lease = await self.ratelimits.acquire_sequences(tenant, cost)
-        except BaseException:
-            with self.counts.lock:
-                self.counts.add(-cost, batch)
-            raise
         engine_ids = _engine_ids(request_id, engine_requests)
         # vLLM aborts every request that shares an external id: no two in flight may share one, whatever the
         # client sends (an X-Request-Id reused, or one that equals another request's "<id>-<i>").
@@ -211,7 +204,6 @@ class Admission:
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
             engine_ids = _engine_ids(request_id, engine_requests)
         slot = Slot(request_id, cost, engine_ids, tenant, batch)
-        slot.lease = lease
         self.engine_ids.update(engine_ids)
         self.slots[request_id] = slot
         self._publish()

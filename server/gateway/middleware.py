@@ -22,7 +22,7 @@ from server.gateway import paths
 from server.gateway.errors import APIError, internal_error
 from server.gateway.logs import request_id_var
 from server.gateway.metrics import GatewayMetrics
-from server.gateway.ratelimits import LocalCounters, RateLimits, Windows
+from server.gateway.ratelimits import Account, LocalCounters, RateLimits
 from server.gateway.ratelimits import headers as ratelimit_headers
 from server.gateway.tenants import ANONYMOUS, Tenant, Tenants
 
@@ -93,10 +93,13 @@ class GatewayMiddleware:
             tenant = batch_owner
         state["batch"] = batch_owner is not None
         state["tenant"] = tenant or ANONYMOUS
-        # The key's buckets as this request's checks leave them (ratelimits.py): its x-ratelimit-* headers.
-        windows: Windows = state.setdefault("ratelimits", {})
+        # The request with its key's limits, as its checks leave it (ratelimits.py): its x-ratelimit-* headers.
+        account: Account = state.setdefault("ratelimits", Account())
         counted = batch_owner is None or self.batch_counts  # batch lines read no headers
         limited = tenant is not None and path.startswith("/v1/") and tenant.rate_limited and counted
+        # One of the key's requests per minute: taken by the handler's one check of all its limits, or, if the
+        # request ends before that, at the response's start (peek).
+        metered = limited and scope["method"] == "POST" and path in paths.RATE_LIMITED
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -104,13 +107,13 @@ class GatewayMiddleware:
                 extra = [rid_header]
                 # A 429 carries its own, from the refusal; a 503 (a store that failed, a drain) none.
                 if limited and status_box[0] not in (429, 503):
-                    await self.ratelimits.peek(tenant, windows)  # what no check of this request saw
-                    extra += [(k.encode(), v.encode()) for k, v in ratelimit_headers(windows).items()]
+                    await self.ratelimits.peek(tenant, account, metered)  # what no check of this request saw
+                    extra += [(k.encode(), v.encode()) for k, v in ratelimit_headers(account.windows).items()]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
-            error = await self._refuse(headers, path, scope["method"], tenant, windows, not counted)
+            error = self._refuse(headers, path, scope["method"], tenant, account if metered else None)
             if error is not None:
                 await error.response(path)(scope, _no_receive, send_with_id)
             else:
@@ -135,14 +138,13 @@ class GatewayMiddleware:
         name = headers.get(b"x-dsv2-batch-owner", b"").decode("latin-1")
         return self.tenants.named(name) or ANONYMOUS
 
-    async def _refuse(
+    def _refuse(
         self,
         headers: dict[bytes, bytes],
         path: str,
         method: str,
         tenant: Tenant | None,
-        windows: Windows,
-        uncounted: bool = False,
+        metered: Account | None,
     ) -> APIError | None:
         if not path.startswith("/v1/") or method == "OPTIONS":  # probes, metrics; CORS preflight has no key
             return None
@@ -152,11 +154,8 @@ class GatewayMiddleware:
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if method == "POST" and path in paths.RATE_LIMITED and not uncounted:
-            try:
-                await self.ratelimits.admit_request(tenant, windows)
-            except APIError as exc:
-                return exc
+        if metered is not None and (spent := self.ratelimits.refuse_spent(tenant, metered)) is not None:
+            return spent  # the key has no request left: refused before its body is read
         length = headers.get(b"content-length")
         limit = self._limit(path)
         if length is not None and length.isdigit() and int(length) > limit:

@@ -53,21 +53,25 @@ FAILURES_TO_HOLD = 2  # failures in a row after which checks fail at once for a 
 LOG_EVERY_S = 30.0
 PREFIX = "dsv2:ratelimit:"
 
-# Token buckets of one key, taken from together or not at all. KEYS: the buckets, hashes {level, t}: the tokens
-# left as of t, in ms of Redis time; a missing bucket is full. ARGV[1]: 1 when every amount must fit now (else
-# they are taken regardless: a settlement may leave a bucket below zero); then per bucket its capacity (a
-# minute's allowance) and the amount to take (0: look only; negative: give back, never above the capacity).
-# Returns the index of the bucket that refused (0: none; nothing was taken then), ms until its amount fits, and
-# per bucket the whole tokens left and ms until it is full.
-BUCKETS = """
+# One take from a key's limits, all or nothing. KEYS: its token buckets (hashes {level, t}: the tokens left as of
+# t, in ms of Redis time; a missing bucket is full), then, when sequences are leased, its leases (a sorted set).
+# ARGV[1]: 1 when every amount must fit now (else they are taken regardless: a settlement may leave a bucket below
+# zero); ARGV[2]: the number of buckets; then per bucket its capacity (a minute's allowance) and the amount to
+# take (0: look only; negative: give back, never above the capacity); then, for a lease: the key's max_sequences,
+# the request's cost, the lease's member ("<cost>:..."), the lease in ms. Lapsed leases (their holder stopped
+# renewing) are dropped first. Returns what refused (0: nothing, and everything was taken; i <= buckets: that
+# bucket; buckets + 1: the sequences), ms until the refused bucket's amount fits, the key's sequences in flight
+# (the new lease's included), and per bucket the whole tokens left and ms until it is full.
+TAKE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local fit = ARGV[1] == '1'
+local n = tonumber(ARGV[2])
 local levels, refused, wait = {}, 0, 0
-for i, key in ipairs(KEYS) do
-  local capacity, amount = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+for i = 1, n do
+  local capacity, amount = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
   local level = capacity
-  local state = redis.call('HMGET', key, 'level', 't')
+  local state = redis.call('HMGET', KEYS[i], 'level', 't')
   if state[1] then
     local elapsed = math.max(0, now - tonumber(state[2]))
     level = math.min(capacity, tonumber(state[1]) + elapsed * capacity / 60000)
@@ -77,40 +81,35 @@ for i, key in ipairs(KEYS) do
     refused, wait = i, math.ceil((amount - level) * 60000 / capacity)
   end
 end
-local out = {refused, wait}
-for i, key in ipairs(KEYS) do
-  local capacity, amount = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+local leases, held = KEYS[n + 1], 0
+if leases then
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  for _, member in ipairs(redis.call('ZRANGE', leases, 0, -1)) do
+    held = held + tonumber(string.match(member, '^%d+'))
+  end
+  local cost = tonumber(ARGV[4 + 2 * n])
+  if refused == 0 and held + cost > tonumber(ARGV[3 + 2 * n]) then
+    refused = n + 1
+  elseif refused == 0 then
+    held = held + cost
+    redis.call('ZADD', leases, now + tonumber(ARGV[6 + 2 * n]), ARGV[5 + 2 * n])
+    local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
+    redis.call('PEXPIREAT', leases, math.ceil(tonumber(last[2])))
+  end
+end
+local out = {refused, wait, held}
+for i = 1, n do
+  local capacity, amount = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
   local level = levels[i]
   if refused == 0 and amount ~= 0 then
     level = math.min(capacity, level - amount)
-    redis.call('HSET', key, 'level', level, 't', now)
-    redis.call('PEXPIRE', key, math.ceil((capacity - level) * 60000 / capacity) + 1000)
+    redis.call('HSET', KEYS[i], 'level', level, 't', now)
+    redis.call('PEXPIRE', KEYS[i], math.ceil((capacity - level) * 60000 / capacity) + 1000)
   end
   out[#out + 1] = math.max(0, math.floor(level))
   out[#out + 1] = math.ceil((capacity - level) * 60000 / capacity)
 end
 return out
-"""
-
-# A lease of a key's sequences. KEYS[1]: the key's leases; ARGV: its max_sequences, the request's cost, the
-# lease's member ("<cost>:..."), the lease in ms. Lapsed leases (their holder stopped renewing) are dropped first.
-# Returns {1, sequences held with it} when it fits, else {0, sequences held}.
-ACQUIRE = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = 0
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  held = held + tonumber(string.match(member, '^%d+'))
-end
-local cost = tonumber(ARGV[2])
-if held + cost > tonumber(ARGV[1]) then
-  return {0, held}
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(last[2])))
-return {1, held + cost}
 """
 
 # Renew a holder's leases of one key. KEYS[1]: the key's leases; ARGV[1]: the lease in ms, then the members.
@@ -190,7 +189,7 @@ class StoreHealth:
 
 
 class RedisCounters:
-    """ratelimits.Counters in Redis: the three scripts above, the leases this process holds, and their renewal."""
+    """ratelimits.Counters in Redis: the two scripts above, the leases this process holds, and their renewal."""
 
     def __init__(self, url: str, metrics: GatewayMetrics, lease_seconds: float, fail_open: bool) -> None:
         self.store = redacted(url)
@@ -202,8 +201,7 @@ class RedisCounters:
             # timeout, which would only double the wait.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        self.buckets = self.client.register_script(BUCKETS)
-        self.acquire_lease = self.client.register_script(ACQUIRE)
+        self.take_script = self.client.register_script(TAKE)
         self.renew_leases = self.client.register_script(RENEW)
         self.lease_ms = max(1, round(lease_seconds * 1000))
         consequence = (
@@ -235,38 +233,44 @@ class RedisCounters:
             await asyncio.wait(self._releases, timeout=2 * TIMEOUT_S)
         await self.client.aclose()
 
-    async def take(self, tenant: Tenant, amounts: dict[str, int], fit: bool) -> Taken:
+    async def take(self, tenant: Tenant, amounts: dict[str, int], fit: bool, sequences: int = 0) -> Taken:
         kinds = list(amounts)
         keys = [_key(tenant, kind) for kind in kinds]
         limits = [capacity(tenant, kind) or 0 for kind in kinds]
-        args = [int(fit)]
+        args = [int(fit), len(kinds)]
         for limit, kind in zip(limits, kinds, strict=True):
             args += [limit, amounts[kind]]
-        out = await self._call("buckets", lambda: self.buckets(keys=keys, args=args))
-        refused, wait_ms = int(out[0]), int(out[1])
-        windows = {
-            kind: Window(limit, int(out[2 + 2 * i]), int(out[3 + 2 * i]) / 1000)
-            for i, (kind, limit) in enumerate(zip(kinds, limits, strict=True))
-        }
-        return Taken(windows, kinds[refused - 1] if refused else None, wait_ms / 1000)
-
-    async def acquire(self, tenant: Tenant, cost: int) -> tuple[Lease | None, int]:
-        lease = Lease(_key(tenant, "sequences"), cost, f"{cost}:{self.holder}:{next(self._ids)}")
-        args = [tenant.max_sequences, cost, lease.member, self.lease_ms]
-        # Renewed from now on: cancelled while the script runs, the request may hold the lease all the same.
-        self.leases.setdefault(lease.key, set()).add(lease.member)
+        lease = None
+        if sequences:
+            lease = Lease(
+                _key(tenant, "sequences"), sequences, f"{sequences}:{self.holder}:{next(self._ids)}"
+            )
+            keys.append(lease.key)
+            args += [tenant.max_sequences, sequences, lease.member, self.lease_ms]
+            # Renewed from now on: cancelled while the script runs, the request may hold the lease all the same.
+            self.leases.setdefault(lease.key, set()).add(lease.member)
+        operation = "admit" if sequences else "buckets"
         try:
-            ok, held = await self._call("acquire", lambda: self.acquire_lease(keys=[lease.key], args=args))
+            out = await self._call(operation, lambda: self.take_script(keys=keys, args=args))
         except asyncio.CancelledError:
-            self.release(lease)
+            if lease is not None:
+                self.release(lease)
             raise
         except BaseException:
-            self._forget(lease)  # a lease the script may have added all the same lapses unrenewed
+            if lease is not None:
+                self._forget(lease)  # a lease the script may have added all the same lapses unrenewed
             raise
-        if not ok:
-            self._forget(lease)
-            return None, int(held)
-        return lease, int(held)
+        refused, wait_ms, held = int(out[0]), int(out[1]), int(out[2])
+        windows = {
+            kind: Window(limit, int(out[3 + 2 * i]), int(out[4 + 2 * i]) / 1000)
+            for i, (kind, limit) in enumerate(zip(kinds, limits, strict=True))
+        }
+        if refused:
+            if lease is not None:
+                self._forget(lease)
+            what = kinds[refused - 1] if refused <= len(kinds) else "sequences"
+            return Taken(windows, what, wait_ms / 1000, held=held)
+        return Taken(windows, lease=lease, held=held)
 
     def release(self, lease: Lease) -> None:
         """Forget the lease now; remove it from Redis in a task of its own, which the cancellation of the request

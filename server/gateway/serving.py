@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.gateway import anthropic, paths, plans, protocol, render, responses, tracing
-from server.gateway.admission import Admission
+from server.gateway.admission import Admission, Slot
 from server.gateway.engine import (
     Engine,
     SamplingOptions,
@@ -34,7 +34,7 @@ from server.gateway.engine import (
 from server.gateway.errors import APIError, ClientGone, DeadlineExceeded
 from server.gateway.intake import off_loop
 from server.gateway.metrics import GatewayMetrics, RequestTimer
-from server.gateway.ratelimits import RateLimits, Windows
+from server.gateway.ratelimits import Account, RateLimits
 from server.gateway.schemas import SchemaLimits
 from server.gateway.stream import Answer, Stream, Usage, collect
 from server.gateway.template import ChatTemplate
@@ -130,7 +130,9 @@ async def count_tokens(svc: Services, req: anthropic.CountTokensRequest, raw: Re
         plan = await off_loop(raw, _anthropic_plan, req, svc.limits)
     except APIError as exc:
         raise anthropic.renamed(exc) from None
-    _caller(svc, raw, req.model, None)
+    caller = _caller(svc, raw, req.model, None)
+    charged = not caller.batch or svc.settings.batch_counts_toward_limits
+    await svc.ratelimits.admit(caller.tenant, caller.account, charged=charged)  # one of its requests a minute
     return {"input_tokens": len(await off_loop(raw, _encode_chat, svc, plan))}
 
 
@@ -155,8 +157,8 @@ async def _serve(
     priority: int | None,
     dialect: _Dialect,
 ) -> Response:
-    """One generation request's life, for every API: caller → admit → encode → account → generate → the one
-    stream loop (stream.py) → the API's dialect formats it, as a stream or a body."""
+    """One generation request's life, for every API: caller → admit → encode → the key's limits → generate → the
+    one stream loop (stream.py) → the API's dialect formats it, as a stream or a body."""
     caller = _caller(svc, raw, model, priority)
     timer = RequestTimer(svc.metrics, dialect.route, latency=not caller.batch)
     async with AsyncExitStack() as owner:
@@ -175,7 +177,7 @@ async def _serve(
         with trace.phase("template"):
             prompts = await off_loop(raw, _encode_plan, svc, plan)
         options = caller.apply(plans.sampling_options(plan, [len(p) for p in prompts], svc.limits))
-        usage = await _reserve_tokens(svc, caller, owner, Usage(sum(len(p) for p in prompts)), options)
+        usage = await _admit_key(svc, caller, owner, slot, Usage(sum(len(p) for p in prompts)), options)
         steps = caller.within(generate_many(svc.engine, prompts, options, slot.engine_ids))
         stream = Stream(
             steps, plan.n, usage, timer, trace, slot, plan.tool_choice is not None, not plan.stream
@@ -394,7 +396,7 @@ class Caller:
     timeout: float | None  # seconds, from arrival
     batch: bool = False  # a line of a batch (server.batch.worker): the batch cap, --batch-priority
     start: float = field(default_factory=time.monotonic)
-    windows: Windows = field(default_factory=dict)  # its key's buckets as its checks left them: its headers
+    account: Account = field(default_factory=Account)  # with its key's limits: its x-ratelimit-* headers
 
     def apply(self, options: list[SamplingOptions]) -> list[SamplingOptions]:
         for o in options:
@@ -407,21 +409,29 @@ class Caller:
         return steps if self.timeout is None else _within(steps, self.start + self.timeout, self.timeout)
 
 
-async def _reserve_tokens(
-    svc: Services, caller: Caller, owner: AsyncExitStack, usage: Usage, options: list[SamplingOptions]
+async def _admit_key(
+    svc: Services,
+    caller: Caller,
+    owner: AsyncExitStack,
+    slot: Slot,
+    usage: Usage,
+    options: list[SamplingOptions],
 ) -> Usage:
-    """The key's account: its worst case (prompt + n x max_tokens) is reserved from its tokens per minute now,
-    and settled when the request ends, however it ends (completed, failed, past its deadline, aborted by a
-    drain, or left by its client): charged the prompt and what was generated (`usage`, which the stream loop
-    counts), the rest given back."""
-    tenant = caller.tenant
-    # Batch lines are the cheap lane: in the key's usage metrics always, in its tokens per minute only with
-    # --batch-counts-toward-limits.
+    """The request against every limit of its key, in one check (one round trip with --rate-limit-store): one of
+    its requests per minute, its sequences among the key's max_sequences (held by its slot, released with it),
+    and its worst case (prompt + n x max_tokens) reserved from its tokens per minute, settled when the request
+    ends, however it ends (completed, failed, past its deadline, aborted by a drain, or left by its client):
+    charged the prompt and what was generated (`usage`, which the stream loop counts), the rest given back."""
+    # Batch lines are the cheap lane: in the key's usage metrics always, in its requests and tokens per minute
+    # only with --batch-counts-toward-limits; their sequences always count.
     charged = not caller.batch or svc.settings.batch_counts_toward_limits
     worst = usage.prompt_tokens + sum(o.n * o.max_tokens for o in options)
     limits = svc.ratelimits
-    reserved = await limits.reserve_tokens(tenant, worst, "max_tokens", caller.windows) if charged else None
-    owner.push_async_callback(_settle, svc.metrics, limits, caller, reserved, usage)
+    admitted = await limits.admit(
+        caller.tenant, caller.account, tokens=worst, sequences=slot.cost, charged=charged
+    )
+    slot.lease = admitted.lease
+    owner.push_async_callback(_settle, svc.metrics, limits, caller, admitted.reserved, usage)
     return usage
 
 
@@ -433,7 +443,7 @@ async def _settle(
     metrics.key_prompt_tokens.labels(tenant.name).inc(usage.prompt_tokens)
     metrics.key_generation_tokens.labels(tenant.name).inc(usage.completion_tokens)
     used = usage.prompt_tokens + usage.completion_tokens
-    await limits.settle_tokens(tenant, reserved, used, caller.windows)
+    await limits.settle_tokens(tenant, reserved, used, caller.account)
 
 
 def _trace(
@@ -479,8 +489,8 @@ def _caller(svc: Services, raw: Request, model: str, priority: int | None) -> Ca
     if batch and svc.engine.priority_scheduling:  # the spare-capacity lane: never more urgent than the flag
         chosen = max(chosen, svc.settings.batch_priority)
     salt = tenant.cache_salt if svc.tenants.enabled and svc.settings.cache_isolation else None
-    windows = getattr(raw.state, "ratelimits", {})
-    return Caller(tenant, model, adapter, chosen, salt, _timeout(svc, raw), batch, windows=windows)
+    account = getattr(raw.state, "ratelimits", None) or Account()
+    return Caller(tenant, model, adapter, chosen, salt, _timeout(svc, raw), batch, account=account)
 
 
 def _timeout(svc: Services, raw: Request) -> float | None:
