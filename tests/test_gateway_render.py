@@ -306,10 +306,12 @@ def test_coalesced_tool_calls_are_the_same_calls(parts, sizes, cuts):
     st.lists(st.binary(min_size=1, max_size=16), max_size=30),
     st.lists(st.booleans(), min_size=1, max_size=8),
     st.integers(0, 3),
+    st.booleans(),
 )
-def test_sse_response_sends_every_event_once_in_order(events, writable, stall):
+def test_sse_response_sends_every_event_once_in_order(events, writable, stall, direct):
     """Whatever the connection does (takes data at once, or is paused so that a send waits `stall` turns of the
-    loop): the same bytes in order, headers first and the end last, one send at a time, the owner closed."""
+    loop), and whether it offers to write events straight (connections.WRITE, `direct`): the same bytes in order,
+    headers first and the end last, one send or write at a time, the owner closed."""
     pattern = itertools.cycle(writable)
     paused, in_flight, sent, closed = [False], [False], [], []
 
@@ -330,13 +332,21 @@ def test_sse_response_sends_every_event_once_in_order(events, writable, stall):
         sent.append(message)
         in_flight[0] = False
 
+    def write(chunk: bytes) -> bool:
+        assert not in_flight[0], "a write during a send"
+        if not takes_data():
+            return False
+        sent.append({"type": "http.response.body", "body": chunk, "more_body": True})
+        return True
+
     async def receive():
         await asyncio.Future()  # the client stays
 
     owner = contextlib.AsyncExitStack()
     owner.callback(closed.append, True)
     response = render.SSEResponse(body(), owner, 30.0)
-    asyncio.run(response({"type": "http", "extensions": {connections.WRITABLE: takes_data}}, receive, send))
+    extensions = {connections.WRITABLE: takes_data, **({connections.WRITE: write} if direct else {})}
+    asyncio.run(response({"type": "http", "extensions": extensions}, receive, send))
     assert sent[0]["type"] == "http.response.start"
     assert [m["more_body"] for m in sent[1:]] == [True] * (len(sent) - 2) + [False]
     assert b"".join(m["body"] for m in sent[1:]) == b"".join(events)

@@ -196,6 +196,50 @@ def _read_response(sock: socket.socket) -> bytes:
         rest = rest[size + 2 :]
 
 
+def test_events_written_straight_to_the_connection_are_framed_and_in_order(tiny_lite_dir, monkeypatch):
+    """While the client keeps up, a stream's events go to the transport without the ASGI send (connections.WRITE):
+    one valid chunk each, in order, every byte of every event, text of any kind included."""
+    written: list[bytes] = []
+    write = connections.GatewayProtocol._write
+
+    def spy(self, cycle, body: bytes) -> bool:
+        taken = write(self, cycle, body)
+        if taken:
+            written.append(body)
+        return taken
+
+    monkeypatch.setattr(connections.GatewayProtocol, "_write", spy)
+    words = ["H\u00e9llo", ' "quoted"', " back\\slash", " \u2028line\nbreak", " \x01\x1f", " \U0001f642", "."]
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 50}
+    with live(tiny_lite_dir, FakeEngine(words=words, delay=0.02)) as srv:  # steps apart, as an engine's
+        sock = raw_client(srv)
+        sock.sendall(post_bytes("/v1/chat/completions", body))
+        sock.settimeout(30)
+        raw = bytearray()
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(1 << 16)
+            assert chunk, "the server closed the connection early"
+            raw += chunk
+        sock.close()
+    head, _, rest = bytes(raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    chunks = []
+    while True:  # strict chunked framing: size line, exactly that many bytes, CRLF
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if not size:
+            assert rest == b"\r\n"
+            break
+        assert rest[size : size + 2] == b"\r\n"
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+    assert written and all(w in chunks for w in written)
+    events = b"".join(chunks).decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    deltas = [json.loads(e.removeprefix("data: "))["choices"][0]["delta"] for e in events[:-2]]
+    assert "".join(d.get("content", "") for d in deltas) == "".join(words)
+
+
 def test_slowloris_headers_are_cut_off_while_others_are_served(tiny_lite_dir):
     with live(tiny_lite_dir, FakeEngine(), header_timeout=1.0) as srv:
         sock = raw_client(srv)

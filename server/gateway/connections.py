@@ -10,7 +10,7 @@ limits uvicorn lacks, so that no client holds a connection, or the server's capa
 - **sends**: a connection whose client has taken no data for --stream-send-timeout seconds after its response
   was written is dropped. A stream times its own sends (render.SSEResponse: it must abort the engine and free
   its slot too) and drops its connection through the DROP_CONNECTION extension; the WRITABLE extension tells it
-  when a send would be taken at once.
+  when a send would be taken at once, and WRITE writes an event then without the ASGI send.
 
 The body read timeout is the app's (middleware.py): only the app knows when it reads a body.
 """
@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from server.gateway import paths
 from server.gateway.errors import APIError
@@ -41,6 +42,12 @@ DROP_CONNECTION = "dsv2.drop_connection"
 # for a client that does not read), so that a send completes without waiting (render.SSEResponse sends from its
 # rendering task then).
 WRITABLE = "dsv2.writable"
+# scope["extensions"][WRITE](body) -> bool: write `body` as the next piece of the request's streamed (chunked)
+# response now, straight to the transport, if its headers went out and the connection takes data, and say True;
+# else write nothing and say False (it goes through the ASGI send then). The ASGI send wrappers it passes by (the
+# middleware's, Starlette's error handling, CORS) act only on http.response.start: a streamed event saves their
+# calls and uvicorn's message (render.SSEResponse writes its events so while the client keeps up).
+WRITE = "dsv2.write"
 # Answered beyond --max-connections too.
 UNCAPPED = frozenset({paths.HEALTH, paths.READY, paths.METRICS})
 
@@ -132,6 +139,9 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._header_timer = _cancel(self._header_timer)
         super().on_headers_complete()
+        cycle = self.cycle  # this request's (a pipelined one's, queued behind the response in progress)
+        if cycle is not None and cycle.scope is self.scope:
+            self.scope["extensions"][WRITE] = partial(self._write, cycle)
 
     def _headers_timed_out(self) -> None:
         self._header_timer = None
@@ -200,6 +210,21 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def _writable(self) -> bool:
         return not self.flow.write_paused  # uvicorn's send waits only while writing is paused (flow control)
+
+    def _write(self, cycle: RequestResponseCycle, body: bytes) -> bool:
+        """WRITE: what uvicorn's send does with a chunked response's `http.response.body` message that has more
+        to come, when that send would not wait (writing not paused) and the client is still there."""
+        if (
+            self.flow.write_paused
+            or cycle.disconnected
+            or not cycle.response_started
+            or cycle.response_complete
+            or not cycle.chunked_encoding  # a Content-Length body, or a HEAD request's: uvicorn's send checks them
+        ):
+            return False
+        if body:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
 
     def _drop(self) -> None:
         """Close the connection now, with whatever it could not send (close() would wait for the client)."""

@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from server.gateway import tools
 from server.gateway.admission import SlowClient
-from server.gateway.connections import DROP_CONNECTION, WRITABLE
+from server.gateway.connections import DROP_CONNECTION, WRITABLE, WRITE
 from server.gateway.engine import TokenLogprob
 from server.gateway.errors import APIError
 from server.gateway.stream import Answer, Stream, Usage
@@ -267,11 +267,11 @@ class SSEResponse(StreamingResponse):
     `owner` (the request's admission slot, token account and trace) is closed once the stream is rendered, however
     it ended (finished, failed, past its deadline, aborted by a drain), even while its bytes still wait for the
     client: the in-flight budget counts engine work, not bytes in a socket. While the connection takes data
-    (connections.WRITABLE), the rendering task sends each event itself, as soon as it is rendered; otherwise
-    events go to an outbox that a sending task empties, holding OUTBOX_BYTES at most; past that, rendering waits
-    for the client. A client that leaves, or takes no data for `send_timeout` seconds (its connection is then
-    dropped), stops the rendering, and `owner` aborts what the engine still runs for it (`client_disconnected`,
-    `slow_client`).
+    (connections.WRITABLE), the rendering task sends each event itself, as soon as it is rendered (straight to the
+    connection where it offers connections.WRITE, else through `send`); otherwise events go to an outbox that a
+    sending task empties, holding OUTBOX_BYTES at most; past that, rendering waits for the client. A client that
+    leaves, or takes no data for `send_timeout` seconds (its connection is then dropped), stops the rendering, and
+    `owner` aborts what the engine still runs for it (`client_disconnected`, `slow_client`).
     """
 
     media_type = "text/event-stream"
@@ -291,7 +291,9 @@ class SSEResponse(StreamingResponse):
         loop = asyncio.get_running_loop()
         extensions = scope.get("extensions") or {}
         outbox = _Outbox(OUTBOX_BYTES, loop)
-        rendering = loop.create_task(self._render(outbox, send, extensions.get(WRITABLE)))
+        rendering = loop.create_task(
+            self._render(outbox, send, extensions.get(WRITABLE), extensions.get(WRITE))
+        )
         sending = loop.create_task(self._send(send, outbox))
         leaving = loop.create_task(_client_left(receive))
         timer = _SendTimer(loop, outbox, sending, self.send_timeout)
@@ -316,17 +318,26 @@ class SSEResponse(StreamingResponse):
         elif not sending.cancelled():
             sending.result()  # a failure of the rendering, raised once what came before it is sent
 
-    async def _render(self, outbox: _Outbox, send: Send, writable: Callable[[], bool] | None) -> None:
+    async def _render(
+        self,
+        outbox: _Outbox,
+        send: Send,
+        writable: Callable[[], bool] | None,
+        write: Callable[[bytes], bool] | None = None,
+    ) -> None:
         """Every event sent, or into the outbox; then `owner` closed.
 
         An event goes out from here when nothing waits before it (the sender is idle) and the connection takes data:
         the send then completes without waiting, and the sending task is not woken for it (a task switch per token
-        saved). Otherwise it waits in the outbox for the sending task, which alone waits for a slow client."""
+        saved), and with `write` without the ASGI send (a call, where a send is a coroutine per wrapper). Otherwise
+        it waits in the outbox for the sending task, which alone waits for a slow client."""
         loop = outbox.loop
         try:
             async with self._owner:
                 try:
                     async for chunk in self.body_iterator:
+                        if write is not None and outbox.idle and write(chunk):
+                            continue
                         if writable is not None and outbox.idle and writable():
                             outbox.send_started = loop.time()
                             await send({"type": "http.response.body", "body": chunk, "more_body": True})
