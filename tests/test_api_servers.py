@@ -7,6 +7,7 @@ the store's own tests, across separate gateways, are in tests/test_rate_limit_st
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -163,6 +164,49 @@ def test_metrics_sum_every_process(server: Server) -> None:
         assert metric(server, "vllm:generation_tokens_total") >= before_tokens + 18
     assert metric(server, "dsv2_inflight_sequences_limit") == BUDGET
     assert metric(server, 'dsv2_startup_phase{phase="serving"}') == 1
+    # Each process's CPU and memory, named as its logs name it: they served requests, so their CPU is not 0.
+    for name in ("api-server-0", "api-server-1"):
+        assert metric(server, f'process_cpu_seconds_total{{server="{name}"}}') > 0
+        assert metric(server, f'process_resident_memory_bytes{{server="{name}"}}') > 100e6
+    assert metric(server, "process_cpu_seconds_total") == pytest.approx(
+        sum(metric(server, f'process_cpu_seconds_total{{server="api-server-{i}"}}') for i in (0, 1)), rel=0.2
+    )
+
+
+def test_front_processes_are_the_parent_s_titled_children() -> None:
+    """FrontProcesses finds the processes by their title under their parent, whatever else runs beside them, and
+    exports prometheus-client's process metrics of each with its `server` label."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.gateway.metrics import FrontProcesses
+
+    def child(title: str) -> subprocess.Popen:
+        code = f"import setproctitle, time; setproctitle.setproctitle({title!r}); time.sleep(60)"
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    children = [child("VLLM::APIServer_1"), child("VLLM::EngineCore_DP0"), child("VLLM::APIServer_0")]
+    try:
+        registry = CollectorRegistry()
+        registry.register(FrontProcesses(parent=os.getpid()))
+        deadline = time.monotonic() + 20
+        while True:  # until the children have set their titles
+            families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+            cpu = families.get("process_cpu_seconds")
+            servers = {s.labels["server"] for s in cpu.samples} if cpu else set()
+            if servers == {"api-server-0", "api-server-1"} or time.monotonic() > deadline:
+                break
+            registry = CollectorRegistry()
+            registry.register(FrontProcesses(parent=os.getpid()))
+            time.sleep(0.2)
+        assert servers == {"api-server-0", "api-server-1"}  # not the engine core
+        assert cpu.type == "counter"
+        memory = {s.labels["server"]: s.value for s in families["process_resident_memory_bytes"].samples}
+        assert all(v > 1e6 for v in memory.values()) and len(memory) == 2
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
 
 
 def test_a_key_s_requests_per_minute_hold_across_processes(server: Server) -> None:

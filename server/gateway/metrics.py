@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import (
     REGISTRY,
@@ -24,6 +25,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
@@ -75,6 +78,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 class GatewayMetrics:
     def __init__(self) -> None:
         self._rendering: asyncio.Future[bytes] | None = None
+        self.front_processes = FrontProcesses()  # with several gateway processes: each one's CPU and memory
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -219,6 +223,7 @@ class GatewayMetrics:
         ):  # several gateway processes: all of theirs, ours and vLLM's
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged)
+            merged.register(self.front_processes)
             return generate_latest(merged)
         return generate_latest(self.registry) + generate_latest(REGISTRY)
 
@@ -228,6 +233,58 @@ class GatewayMetrics:
         if self._rendering is None or self._rendering.done():
             self._rendering = asyncio.ensure_future(asyncio.to_thread(self.render))
         return await asyncio.shield(self._rendering)
+
+
+class FrontProcesses:
+    """prometheus-client's process metrics (process_cpu_seconds_total, process_resident_memory_bytes, ...) of every
+    gateway process of the pod, each with `server="api-server-<i>"` (the logs' name): with several processes
+    (--api-server-count) they are per process, and multiprocess mode leaves them out. The processes are the
+    children of `parent` (the process that started them) that vLLM's process manager titled
+    VLLM::APIServer_<i>, found again every REFRESH_S. Each one's CPU near 1 (a core) is a saturated front end."""
+
+    REFRESH_S = 10.0
+
+    def __init__(self, parent: int | None = None) -> None:
+        self.parent = parent
+        self._found: list[tuple[str, int]] = []
+        self._found_at = -self.REFRESH_S
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for server, pid in self._processes():
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "server": server}, sample.value)
+        yield from families.values()
+
+    def _processes(self) -> list[tuple[str, int]]:
+        if time.monotonic() - self._found_at >= self.REFRESH_S:
+            self._found, self._found_at = _titled_children(self.parent or os.getppid()), time.monotonic()
+        return self._found
+
+
+def _titled_children(parent: int) -> list[tuple[str, int]]:
+    """("api-server-<i>", pid) of `parent`'s children titled VLLM::APIServer_<i>, in order of i."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                ppid = int(f.read().rpartition(b")")[2].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0]
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+        prefix, _, index = title.partition(b"::APIServer_")
+        if prefix and index.isdigit():
+            found.append((int(index), entry.name))
+    return [(f"api-server-{i}", int(pid)) for i, pid in sorted(found)]
 
 
 class RequestTimer:
