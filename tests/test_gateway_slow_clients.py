@@ -177,7 +177,13 @@ def test_finished_stream_frees_its_slot_before_the_client_reads(tiny_lite_dir, m
 
 
 def _read_response(sock: socket.socket) -> bytes:
-    """A chunked response, up to its last chunk."""
+    """A chunked response's body, up to its last chunk."""
+    return b"".join(_read_chunks(sock))
+
+
+def _read_chunks(sock: socket.socket) -> list[bytes]:
+    """A chunked 200 response's chunks, up to its last one, each framed strictly: its size line, exactly that many
+    bytes, CRLF."""
     sock.settimeout(30)
     out = bytearray()
     while not out.endswith(b"\r\n0\r\n\r\n"):
@@ -185,14 +191,16 @@ def _read_response(sock: socket.socket) -> bytes:
         assert chunk, "the server closed the connection early"
         out += chunk
     head, _, rest = bytes(out).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    body = bytearray()
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    chunks = []
     while True:
         size_line, _, rest = rest.partition(b"\r\n")
         size = int(size_line, 16)
         if not size:
-            return bytes(body)
-        body += rest[:size]
+            assert rest == b"\r\n"
+            return chunks
+        assert rest[size : size + 2] == b"\r\n"
+        chunks.append(rest[:size])
         rest = rest[size + 2 :]
 
 
@@ -214,25 +222,8 @@ def test_events_written_straight_to_the_connection_are_framed_and_in_order(tiny_
     with live(tiny_lite_dir, FakeEngine(words=words, delay=0.02)) as srv:  # steps apart, as an engine's
         sock = raw_client(srv)
         sock.sendall(post_bytes("/v1/chat/completions", body))
-        sock.settimeout(30)
-        raw = bytearray()
-        while not raw.endswith(b"\r\n0\r\n\r\n"):
-            chunk = sock.recv(1 << 16)
-            assert chunk, "the server closed the connection early"
-            raw += chunk
+        chunks = _read_chunks(sock)
         sock.close()
-    head, _, rest = bytes(raw).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
-    chunks = []
-    while True:  # strict chunked framing: size line, exactly that many bytes, CRLF
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if not size:
-            assert rest == b"\r\n"
-            break
-        assert rest[size : size + 2] == b"\r\n"
-        chunks.append(rest[:size])
-        rest = rest[size + 2 :]
     assert written and all(w in chunks for w in written)
     events = b"".join(chunks).decode().split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
